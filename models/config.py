@@ -84,7 +84,9 @@ class ModelConfig:
         if self.num_recursions < 1:
             raise bad("num_recursions", self.num_recursions, "must be >= 1")
         if self.family == "vanilla" and self.num_recursions != 1:
-            raise bad("num_recursions", self.num_recursions, "the vanilla family has 1 (use family=recursive)")
+            raise bad(
+                "num_recursions", self.num_recursions, "the vanilla family has 1 (use family=recursive)"
+            )
         middle = self.sharing.startswith("middle")
         avail = self.n_layers - (2 if middle else 0)
         if self.num_recursions > max(avail, 1):
@@ -101,7 +103,9 @@ class ModelConfig:
         if self.kv == "share" and self.family == "vanilla":
             raise bad("kv", self.kv, "recursive KV sharing needs family=recursive or mor")
         if self.kv == "share" and self.sharing not in ("cycle", "middle_cycle"):
-            raise bad("kv", self.kv, "KV sharing reuses recursion 1's cache: needs sharing=cycle or middle_cycle")
+            raise bad(
+                "kv", self.kv, "KV sharing reuses recursion 1's cache: needs sharing=cycle or middle_cycle"
+            )
 
     def layout(self) -> tuple[int, int, int]:
         """(prelude, block, coda) unique layer counts; effective depth = prelude + block*N_r + coda."""

@@ -6,7 +6,13 @@ Two FLOP conventions:
   every matmul (GQA-sized K/V projections, LM head, routers) and SDPA over the tokens actually
   attended (full square of the compacted length: the counter does not halve causal attention).
   `flops_per_token(...).train` = forward + backward (matmul backward = 2x forward, SDPA backward =
-  2.5x forward, as the counter's formulas say).
+  2.5x forward, as the counter's formulas say for fused flash/efficient kernels).
+  Caveats, torch 2.13: on CPU, SDPA (with `is_causal` or with a boolean `attn_mask` alike) runs
+  `aten._scaled_dot_product_flash_attention_for_cpu`, for which the counter has no formula, so it
+  counts attention as 0; tests register the counter's own SDPA formulas for that op. Under the
+  math backend SDPA decomposes into bmm + softmax: the forward count is the same, the backward is
+  2x instead of 2.5x. Variable-count routing (token-choice, threshold rules) pads each recursion's
+  token set to the batch's largest; that padding runs but is not counted here.
 * ``paper``: the paper's App. D rule as reconstructed in reference/paper.md 6.4: forward only,
   per executed layer 2*(4 d^2 + 3 d d_ff)*c + 2*N_ctx*d*c^2 (K/V counted full width, attention
   causal-halved, embeddings/head/routers excluded). It reproduces the paper's Table 9 token counts.

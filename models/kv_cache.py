@@ -13,6 +13,7 @@ cached key, so causality is a position comparison, valid for compacted (routed) 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,23 @@ class KVCache:
             return kb[:, :, :S], vb[:, :, :S], self._mask(g_keys, qpos)
 
         return _Hook(attend, project=src == slot)
+
+    # -- batch surgery (shared-prefix scoring, batched prompts of unequal length) --------------
+    def select(self, rows: Tensor) -> KVCache:
+        """A new cache whose row j is a copy of row `rows[j]` (e.g. one prompt -> its n continuations)."""
+        new = copy.copy(self)
+        new.k = {s: t.index_select(0, rows) for s, t in self.k.items()}
+        new.v = {s: t.index_select(0, rows) for s, t in self.v.items()}
+        new.pos = self.pos.index_select(1, rows)
+        new.length = self.length.index_select(1, rows)
+        new.fed, new.batch, new._cur = list(self.fed), int(rows.numel()), {}
+        return new
+
+    def forget_from(self, lengths: Tensor) -> None:
+        """Hide keys at positions >= lengths[b] in row b (the right padding of a batched prefill).
+
+        The hidden entries keep their slots; later tokens are written after them, at any positions."""
+        self.pos.masked_fill_(self.pos >= lengths.to(self.pos.device).view(1, -1, 1), _FAR)
 
     # -- measurement -------------------------------------------------------------------------
     def bytes_allocated(self) -> int:

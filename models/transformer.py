@@ -97,7 +97,9 @@ class TransformerLM(nn.Module):
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, w)
 
-    def run_slots(self, x: Tensor, pos: Tensor, slots, ctx, group: int, valid: Tensor | None = None) -> Tensor:
+    def run_slots(
+        self, x: Tensor, pos: Tensor, slots, ctx, group: int, valid: Tensor | None = None
+    ) -> Tensor:
         """Apply effective layers `slots` to tokens x at absolute positions pos (valid: real rows)."""
         rope = self.rotary(pos)
         for s in slots:

@@ -56,9 +56,8 @@ def get_router_class(name: str) -> type[Router]:
     if name not in ROUTERS:
         close = difflib.get_close_matches(name, ROUTERS, n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(
-            f"model.router.name={name!r} is not a registered router (known: {', '.join(sorted(ROUTERS))}){hint}"
-        )
+        known = ", ".join(sorted(ROUTERS))
+        raise ConfigError(f"model.router.name={name!r} is not a registered router (known: {known}){hint}")
     return ROUTERS[name]
 
 

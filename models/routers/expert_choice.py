@@ -113,6 +113,7 @@ class ExpertChoiceRouter(Router):
         n_tok = prev.numel()
         t = target.float()
         cand = prev.float()
+        aux_logits = None
         if cfg.aux_loss == "bce":  # normalized per token of the micro-batch (sum over candidates / B*T)
             bce = F.binary_cross_entropy_with_logits(logits.float(), t, reduction="none")
             aux[f"router_bce_r{r}"] = cfg.aux_coeff * (bce * cand).sum() / n_tok
@@ -123,8 +124,8 @@ class ExpertChoiceRouter(Router):
         if cfg.z_coeff > 0:
             aux[f"router_z_r{r}"] = self.z_loss(logits, cand)
         with torch.no_grad():  # does the causal rule agree with top-k on the candidates?
-            if cfg.aux_loss == "aux_router":
-                causal = self.aux_scorers[r](h).squeeze(-1) > 0
+            if aux_logits is not None:  # reuse: a second aux-scorer pass would be uncounted FLOPs
+                causal = aux_logits.detach() > 0
             else:
                 causal = logits > self.threshold[r]
             agree = ((causal == target).float() * cand).sum() / cand.sum().clamp_min(1)

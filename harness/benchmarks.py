@@ -1,0 +1,164 @@
+"""`make bench`: the performance targets of the issues, measured side by side, written as JSON.
+
+    python -m harness.benchmarks --out results/bench [--size small] [--quick]
+
+* model_speed: our vanilla forward+backward tokens/s vs transformers' LlamaForCausalLM (sdpa) on the
+  same config and weights, eager and torch.compile'd (goal >= 1.2x).
+* mor_step_ratio: MoR expert-choice N_r=3 train-step time / vanilla's, next to the analytic FLOP
+  ratio (goal: within 15%).
+* probes: decode / train / memory probes for vanilla, recursive, MoR-expert, MoR-token
+  (random weights, routers calibrated to their capacities).
+Every file carries the device, versions and git SHA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from models import ModelConfig, build_model
+
+from . import records
+
+SIZES = {
+    "tiny": dict(vocab_size=512, d_model=128, n_layers=8, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=512),
+    "small": dict(
+        vocab_size=512, d_model=256, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=768, max_seq_len=1024
+    ),
+}
+
+
+def _median_time(fn, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _fwd_bwd(model, ids, hf: bool):
+    def step():
+        if hf:
+            out = model(input_ids=ids[:, :-1], labels=ids[:, :-1])
+        else:
+            out = model(ids[:, :-1], labels=ids[:, 1:])
+        loss = out.loss + sum(getattr(out, "aux_losses", {}).values(), torch.zeros(()))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def model_speed(size: dict, batch: int, seq: int, iters: int) -> dict:
+    """Our vanilla vs HF Llama (sdpa), same weights, CPU fp32, forward+backward."""
+    from models.hf_io import export_hf
+
+    torch.manual_seed(0)
+    ours = build_model(ModelConfig(family="vanilla", **size))
+    import tempfile
+
+    from transformers import LlamaForCausalLM
+
+    with tempfile.TemporaryDirectory() as d:
+        export_hf(ours, d)
+        hf = LlamaForCausalLM.from_pretrained(d, attn_implementation="sdpa", torch_dtype=torch.float32)
+    ids = torch.randint(0, size["vocab_size"], (batch, seq + 1))
+    out = {"batch": batch, "seq_len": seq}
+    for name, model, is_hf in (("ours", ours, False), ("hf", hf, True)):
+        model.train()
+        out[f"{name}_eager_tok_s"] = batch * seq / _median_time(_fwd_bwd(model, ids, is_hf), 2, iters)
+        compiled = torch.compile(model)
+        out[f"{name}_compiled_tok_s"] = batch * seq / _median_time(_fwd_bwd(compiled, ids, is_hf), 2, iters)
+    out["speedup_eager"] = out["ours_eager_tok_s"] / out["hf_eager_tok_s"]
+    out["speedup_compiled"] = out["ours_compiled_tok_s"] / out["hf_compiled_tok_s"]
+    out["goal"] = ">= 1.2x"
+    return out
+
+
+def mor_step_ratio(size: dict, batch: int, seq: int, iters: int) -> dict:
+    """Train-step time MoR-E (N_r=3) / vanilla vs their analytic exact train-FLOP ratio."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, size["vocab_size"], (batch, seq + 1))
+    van = build_model(ModelConfig(family="vanilla", **size))
+    mor = build_model(ModelConfig(family="mor", num_recursions=3, sharing="middle_cycle", **size))
+    tv = _median_time(_fwd_bwd(van.train(), ids, False), 2, iters)
+    tm = _median_time(_fwd_bwd(mor.train(), ids, False), 2, iters)
+    fv = van.flops_per_token(seq, "exact").train
+    fm = mor.flops_per_token(seq, "exact").train
+    time_ratio, flop_ratio = tm / tv, fm / fv
+    return {
+        "batch": batch,
+        "seq_len": seq,
+        "vanilla_ms": 1000 * tv,
+        "mor_ms": 1000 * tm,
+        "time_ratio": time_ratio,
+        "flop_ratio": flop_ratio,
+        "relative_gap": time_ratio / flop_ratio - 1,
+        "goal": "|relative_gap| <= 0.15",
+    }
+
+
+def probes(size_name: str, quick: bool) -> list[dict]:
+    from hydra import compose, initialize_config_module
+
+    from .bench import run_bench
+    from .config import register_configs
+
+    register_configs()
+    rows = []
+    models = ["vanilla", "recursive", "mor_expert", "mor_token"]
+    with initialize_config_module("conf", version_base="1.3"):
+        for m in models:
+            cfg = compose(
+                "config",
+                overrides=[
+                    f"model={m}",
+                    f"size={size_name}",
+                    "bench.probes=[decode,train,memory]",
+                    "bench.weights=random",
+                    f"bench.batch_sizes={[4] if quick else [8, 32]}",
+                    f"bench.num_requests={8 if quick else 64}",
+                    f"bench.gen_len_mean={32 if quick else 128}",
+                ],
+            )
+            for r in run_bench(cfg, None):
+                rows.append({"model": m, "size": size_name, **r})
+    van = {(r["probe"], r.get("batch_size")): r["tokens_per_s"] for r in rows if r["model"] == "vanilla"}
+    for r in rows:
+        if "tokens_per_s" in r and (r["probe"], r.get("batch_size")) in van:
+            r["speed_ratio_vs_vanilla"] = r["tokens_per_s"] / van[(r["probe"], r.get("batch_size"))]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="results/bench")
+    ap.add_argument("--size", default="small", choices=sorted(SIZES))
+    ap.add_argument("--quick", action="store_true", help="fewer iterations (smoke check)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    env = records.env_info("cuda" if torch.cuda.is_available() else "cpu")
+    size = SIZES[args.size]
+    iters = 3 if args.quick else 10
+    results = {
+        "model_speed": model_speed(size, 8, 256, iters),
+        "mor_step_ratio": mor_step_ratio(size, 8, 256, iters),
+        "probes": probes(args.size, args.quick),
+    }
+    for name, value in results.items():
+        records.write_json(out / f"{name}.json", {"env": env, "size": args.size, "results": value})
+        print(f"{name}: {json.dumps(value, default=float)[:400]}")
+    print(f"wrote {out}/*.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+#!/usr/bin/env bash
+# A real single-node Slurm cluster for this machine, for the `slurm` tests and for trying the
+# Hydra/submitit launchers locally.  Usage:
+#
+#   scripts/local_slurm.sh start    # install if missing, configure, start daemons, wait for the node
+#   scripts/local_slurm.sh stop     # stop the daemons (jobs and accounting data are kept in .slurm/)
+#   scripts/local_slurm.sh status   # daemon and node state; exit 0 only if everything is up
+#
+# Everything lives in <repo>/.slurm/ (gitignored): slurm.conf, slurmdbd.conf, controller state,
+# spool, pid and log files, and a private MariaDB instance for accounting.  Nothing is exported
+# globally; point the Slurm clients at the cluster with
+#
+#   export SLURM_CONF=<repo>/.slurm/slurm.conf
+#
+# Written for Debian 12 run as root without systemd (containers, CI).  Details: docs/slurm.md.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+S="$REPO/.slurm"
+CLUSTER=morbench
+DB_PORT="${MOR_SLURM_DB_PORT:-3307}"   # private MariaDB, TCP on 127.0.0.1 only; not the system 3306
+NODE="$(hostname -s)"
+WAIT_S="${MOR_SLURM_WAIT_S:-60}"
+
+export SLURM_CONF="$S/slurm.conf"
+DB_SOCK="$S/mariadb/run/mysqld.sock"
+MUNGE_SOCK=/run/munge/munge.socket.2
+
+log() { printf '[local_slurm] %s\n' "$*" >&2; }
+die() { printf '[local_slurm] ERROR: %s\n' "$*" >&2; exit 1; }
+
+[[ $(id -u) == 0 ]] || die "must run as root (it starts munged, slurmctld and slurmd as system daemons)"
+
+# ---------------------------------------------------------------------------------- install
+install_packages() {
+  local need=()
+  command -v slurmctld >/dev/null || need+=(slurm-wlm)
+  command -v munged >/dev/null || need+=(munge)
+  command -v slurmdbd >/dev/null || need+=(slurmdbd)
+  command -v mariadbd >/dev/null || need+=(mariadb-server)
+  ((${#need[@]})) || return 0
+  command -v apt-get >/dev/null || die "missing ${need[*]} and no apt-get to install them"
+  log "installing ${need[*]} ..."
+  local t0=$SECONDS added_policy=0
+  # Keep the packages' postinst from starting system-wide services (no systemd here, and we run
+  # our own instances): the same trick Docker images use.
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    added_policy=1
+  fi
+  # A fresh machine has empty package lists; an old list can point at removed versions.
+  apt-get update -qq || log "apt-get update failed; trying the install anyway"
+  local rc=0
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" \
+    >"/tmp/local_slurm_apt.$$.log" 2>&1 || rc=$?
+  ((added_policy)) && rm -f /usr/sbin/policy-rc.d
+  if ((rc)); then tail -n 30 "/tmp/local_slurm_apt.$$.log" >&2; die "apt-get install failed (rc=$rc)"; fi
+  rm -f "/tmp/local_slurm_apt.$$.log"
+  log "installed in $((SECONDS - t0)) s"
+}
+
+# ---------------------------------------------------------------------------------- helpers
+# pid_alive PIDFILE NAME: the pid in PIDFILE is a live process whose command name starts with NAME
+# (so a stale pid file whose pid was reused by something else does not count).
+pid_alive() {
+  local pid
+  [[ -s $1 ]] || return 1
+  pid=$(<"$1")
+  [[ $pid =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || return 1
+  [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$2"* ]] || return 1
+  # A zombie (killed, not yet reaped) answers kill -0 but is not running.
+  [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]
+}
+
+# wait_for SECONDS WHAT CMD...: poll CMD every 0.25 s
+wait_for() {
+  local limit=$1 what=$2 t0=$SECONDS
+  shift 2
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS - t0 < limit)) || return 1
+    sleep 0.25
+  done
+  log "$what ready after $((SECONDS - t0)) s"
+}
+
+fail_with_log() { # fail_with_log MESSAGE LOGFILE
+  [[ -f $2 ]] && { log "last lines of $2:"; tail -n 25 "$2" >&2; }
+  die "$1"
+}
+
+munge_ok() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
+db_ok() { mariadb-admin --no-defaults --socket="$DB_SOCK" -uroot ping >/dev/null 2>&1; }
+dbd_ok() { pid_alive "$S/run/slurmdbd.pid" slurmdbd && sacctmgr -n list cluster >/dev/null 2>&1; }
+ctld_ok() { pid_alive "$S/run/slurmctld.pid" slurmctld && scontrol ping 2>/dev/null | grep -q UP; }
+slurmd_ok() { pid_alive "$S/run/slurmd.pid" slurmd; }
+node_state() { sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null | head -n 1; }
+node_ready() { [[ $(node_state) =~ ^(idle|mixed|allocated|completing)$ ]]; }
+
+# ---------------------------------------------------------------------------------- config
+write_config() {
+  local cpus mem_avail_mb real_mem
+  cpus=$(nproc)
+  # RealMemory a little under what is free now (90%, rounded down to 256 MiB): a node that
+  # claims more than slurmd measures is drained as "Low RealMemory".
+  mem_avail_mb=$(awk '/^MemAvailable:/ {print int($2 / 1024)}' /proc/meminfo)
+  real_mem=$((mem_avail_mb * 9 / 10 / 256 * 256))
+  ((real_mem >= 256)) || real_mem=256
+  mkdir -p "$S"/{state,spool,run,log}
+
+  cat >"$S/slurm.conf.tmp" <<CONF
+# Generated by scripts/local_slurm.sh on $(date -u +%FT%TZ); rewritten on each start while the
+# cluster is stopped.  Single node, single partition, real accounting through slurmdbd.
+ClusterName=$CLUSTER
+SlurmctldHost=$NODE
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# Job credentials live 10 s instead of 120 s: a requeued job may only start again once its old
+# credential expired, so this cuts checkpoint-requeue-resume from ~2.5 min to ~25 s.  Must be set
+# before the daemons start (scontrol reconfigure is not enough).
+AuthInfo=cred_expire=10
+
+StateSaveLocation=$S/state
+SlurmdSpoolDir=$S/spool
+SlurmctldPidFile=$S/run/slurmctld.pid
+SlurmdPidFile=$S/run/slurmd.pid
+SlurmctldLogFile=$S/log/slurmctld.log
+SlurmdLogFile=$S/log/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+
+# No cgroups in this container: track processes through /proc, no task confinement.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=$((real_mem / cpus))
+SchedulerType=sched/backfill
+MpiDefault=none
+SwitchType=switch/none
+MailProg=/bin/true
+
+# Accounting: sacct (and therefore submitit's job states) needs slurmdbd.
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+
+ReturnToService=2
+KillWait=5
+InactiveLimit=0
+MinJobAge=300
+SlurmctldTimeout=120
+SlurmdTimeout=300
+MaxJobCount=10000
+MaxArraySize=1001
+JobRequeue=1
+
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$real_mem State=UNKNOWN
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+CONF
+  mv "$S/slurm.conf.tmp" "$S/slurm.conf"
+
+  # slurmdbd reads slurmdbd.conf from the directory of SLURM_CONF; it must be 0600.
+  (umask 077 && cat >"$S/slurmdbd.conf" <<CONF
+# Generated by scripts/local_slurm.sh
+AuthType=auth/munge
+DbdHost=localhost
+SlurmUser=root
+LogFile=$S/log/slurmdbd.log
+PidFile=$S/run/slurmdbd.pid
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=slurm
+StorageLoc=slurm_acct_db
+CONF
+  )
+  chmod 600 "$S/slurmdbd.conf"
+  log "wrote $S/slurm.conf (node $NODE: CPUs=$cpus RealMemory=${real_mem}M)"
+}
+
+# ---------------------------------------------------------------------------------- daemons
+start_munge() {
+  if munge_ok; then log "munged already running"; return; fi
+  # Without systemd nothing creates the runtime directory.
+  install -d -o munge -g munge -m 0755 /run/munge
+  install -d -o munge -g munge -m 0700 /var/log/munge /var/lib/munge
+  if [[ ! -s /etc/munge/munge.key ]]; then
+    log "creating /etc/munge/munge.key"
+    dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
+    chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
+  fi
+  rm -f "$MUNGE_SOCK" "$MUNGE_SOCK.lock"   # left behind by a killed munged
+  runuser -u munge -- /usr/sbin/munged
+  wait_for 15 munged munge_ok || fail_with_log "munged did not start" /var/log/munge/munged.log
+}
+
+start_mariadb() {
+  if db_ok; then log "mariadb already running"; else
+    mkdir -p "$S/mariadb/run" "$S/log"
+    if [[ ! -d $S/mariadb/data/mysql ]]; then
+      log "initialising the accounting database in $S/mariadb/data"
+      rm -rf "$S/mariadb/data"
+      mariadb-install-db --no-defaults --user=root --datadir="$S/mariadb/data" \
+        --auth-root-authentication-method=socket --skip-test-db >"$S/log/mariadb-install.log" 2>&1 ||
+        fail_with_log "mariadb-install-db failed" "$S/log/mariadb-install.log"
+    fi
+    # --no-defaults: ignore /etc/mysql, this instance is private to the cluster.
+    setsid mariadbd --no-defaults --user=root --datadir="$S/mariadb/data" \
+      --socket="$DB_SOCK" --pid-file="$S/mariadb/run/mariadbd.pid" \
+      --bind-address=127.0.0.1 --port="$DB_PORT" --skip-name-resolve \
+      --log-error="$S/log/mariadb.log" \
+      --innodb-buffer-pool-size=512M --innodb-lock-wait-timeout=900 \
+      </dev/null >/dev/null 2>&1 &
+    wait_for 30 mariadb db_ok || fail_with_log "mariadb did not start" "$S/log/mariadb.log"
+  fi
+  mariadb --no-defaults --socket="$DB_SOCK" -uroot <<'SQL'
+CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurm';
+CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm';
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
+SQL
+}
+
+start_slurmdbd() {
+  if dbd_ok; then log "slurmdbd already running"; else
+    slurmdbd </dev/null >/dev/null 2>&1
+    wait_for 30 slurmdbd dbd_ok || fail_with_log "slurmdbd did not start" "$S/log/slurmdbd.log"
+  fi
+  if ! sacctmgr -n -P list cluster format=cluster | grep -qx "$CLUSTER"; then
+    sacctmgr -i add cluster "$CLUSTER" >/dev/null
+    log "added cluster $CLUSTER to accounting"
+  fi
+}
+
+start_slurmctld() {
+  if ctld_ok; then log "slurmctld already running"; return; fi
+  slurmctld </dev/null >/dev/null 2>&1
+  wait_for 30 slurmctld ctld_ok || fail_with_log "slurmctld did not start" "$S/log/slurmctld.log"
+}
+
+start_slurmd() {
+  if slurmd_ok; then log "slurmd already running"; return; fi
+  slurmd </dev/null >/dev/null 2>&1
+  wait_for 15 slurmd slurmd_ok || fail_with_log "slurmd did not start" "$S/log/slurmd.log"
+}
+
+any_slurm_daemon() {
+  pid_alive "$S/run/slurmctld.pid" slurmctld || pid_alive "$S/run/slurmd.pid" slurmd ||
+    pid_alive "$S/run/slurmdbd.pid" slurmdbd
+}
+
+cmd_start() {
+  local t0=$SECONDS
+  install_packages
+  if any_slurm_daemon && [[ -f $S/slurm.conf ]]; then
+    log "daemons already running: keeping $S/slurm.conf"
+  else
+    write_config
+  fi
+  start_munge
+  start_mariadb
+  start_slurmdbd
+  start_slurmctld
+  start_slurmd
+  local t1=$SECONDS
+  until node_ready; do
+    if ((SECONDS - t1 >= WAIT_S)); then
+      sinfo -N -l >&2 || true
+      fail_with_log "node $NODE not idle after ${WAIT_S} s (state: '$(node_state)')" "$S/log/slurmd.log"
+    fi
+    # A node left down/drained by an unclean stop is fine to use again.
+    if [[ $(node_state) =~ ^(down|drain|drained|draining) ]]; then
+      scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true
+    fi
+    sleep 0.25
+  done
+  log "node $NODE is $(node_state); cluster up in $((SECONDS - t0)) s"
+  echo "export SLURM_CONF=$S/slurm.conf"
+}
+
+# stop_pid PIDFILE NAME: TERM, wait up to 20 s, then KILL
+stop_pid() {
+  local pidfile=$1 name=$2 pid i
+  if ! pid_alive "$pidfile" "$name"; then log "$name not running"; rm -f "$pidfile"; return; fi
+  pid=$(<"$pidfile")
+  kill -TERM "$pid"
+  for ((i = 0; i < 80; i++)); do
+    kill -0 "$pid" 2>/dev/null || { log "stopped $name (pid $pid)"; rm -f "$pidfile"; return; }
+    sleep 0.25
+  done
+  log "$name (pid $pid) ignored SIGTERM for 20 s: killing it"
+  kill -KILL "$pid" 2>/dev/null || true
+  rm -f "$pidfile"
+}
+
+cmd_stop() {
+  if ctld_ok; then
+    local n
+    n=$(squeue -h -t PENDING,RUNNING,REQUEUED 2>/dev/null | wc -l)
+    ((n == 0)) || log "$n job(s) still queued or running: they are kept and resume on the next start" \
+      "(scancel them first to drop them)"
+  fi
+  stop_pid "$S/run/slurmd.pid" slurmd
+  stop_pid "$S/run/slurmctld.pid" slurmctld
+  stop_pid "$S/run/slurmdbd.pid" slurmdbd
+  stop_pid "$S/mariadb/run/mariadbd.pid" mariadbd
+  stop_pid /run/munge/munged.pid munged
+}
+
+cmd_status() {
+  local ok=0
+  show() { if "$2"; then printf '%-10s running\n' "$1"; else printf '%-10s stopped\n' "$1"; ok=1; fi; }
+  echo "SLURM_CONF=$S/slurm.conf"
+  show munged munge_ok
+  show mariadb db_ok
+  show slurmdbd dbd_ok
+  show slurmctld ctld_ok
+  show slurmd slurmd_ok
+  if ctld_ok; then
+    echo
+    sinfo -N -o '%N %P %T %c %m' || true
+    echo
+    squeue || true
+    node_ready || ok=1
+  fi
+  return $ok
+}
+
+case "${1:-}" in
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  *) echo "usage: $0 {start|stop|status}" >&2; exit 2 ;;
+esac

@@ -1,0 +1,62 @@
+"""Shared helpers for harness tests: compose configs and run the CLI on a tiny model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a model small enough that a CPU run takes seconds (middle-cycle with 3 recursions needs >= 5 layers)
+MICRO = [
+    "size=tiny",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.d_ff=64",
+    "model.n_layers=5",
+    "data.seq_len=32",
+    "train.micro_batch_size=4",
+    "train.global_batch_tokens=256",
+    "train.val_batches=2",
+    "train.calibrate_batches=1",
+    "train.progress=false",
+]
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    from harness.config import register_configs
+
+    register_configs()
+    with initialize_config_module("conf", version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
+def run_cli(
+    args: list[str], cwd: Path, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "CI": "true",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.main", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+        )
+    return proc

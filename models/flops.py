@@ -54,7 +54,7 @@ def flops_per_token(
         total = 0.0
         for c, ck, shared in _slots(cfg, fractions):
             proj = (2 * d * d if shared else 4 * d * d) + 3 * d * ff
-            attn = 2 * seq_len * d * (c * ck if not shared else c)
+            attn = 2 * seq_len * d * c * ck  # shared: keys are recursion 1's (ck = its fraction)
             total += 2 * proj * c + attn
         return Flops(total, total)
     if convention != "exact":

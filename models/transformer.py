@@ -25,7 +25,7 @@ from .layers import Block, RMSNorm, Rotary
 @dataclass
 class ModelOutput:
     logits: Tensor
-    loss: Tensor | None = None  # mean next-token cross-entropy over labelled tokens
+    loss: Tensor | None = None  # mean CE of logits[:, t] vs labels[:, t] (labels pre-shifted); -100 ignored
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # already weighted; add them all
     stats: dict[str, Tensor] = field(default_factory=dict)  # detached diagnostics (log as-is)
 

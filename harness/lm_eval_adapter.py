@@ -137,6 +137,8 @@ class MoRLM(TemplateLM):
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} must be >= 1")
         self._batch_size = batch_size
+        if isinstance(shared_prefix, str):  # from a --model_args string
+            shared_prefix = shared_prefix.strip().lower() not in ("false", "0", "no")
         self.shared_prefix = bool(shared_prefix)
         self._max_gen_toks = int(max_gen_toks)
         ctx = self.model.cfg.max_seq_len

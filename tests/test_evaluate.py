@@ -20,7 +20,7 @@ from tokenizers import models as tk_models
 
 from harness.data import Tokenizer
 from harness.evaluate import EvalConfig, evaluate_run, record_depths, task_manager, write_local_task_overrides
-from harness.lm_eval_adapter import MoRLM
+from harness.lm_eval_adapter import MoRLM, bench_requests_per_s
 from models import ConfigError, ModelConfig, RouterConfig, build_model
 
 CORPUS = [
@@ -136,6 +136,8 @@ def test_shared_prefix_runs_each_context_once(tok):
     finally:
         handle.remove()
     assert shared_tokens < tokens
+    lm = MoRLM.from_model(model, tok, batch_size=8)
+    assert bench_requests_per_s(lm, instances("loglikelihood", mc)) > 0
 
 
 def test_topk_routing_is_labelled_non_causal_and_runs_requests_alone(tok):
@@ -369,6 +371,14 @@ def test_evaluate_run_writes_rows_for_val_nll_and_tasks(tmp_path, monkeypatch):
         assert set(r) == {"task", "metric", "value", "stderr", "n", "shots", "routing", "causal", "step"}
         assert r["routing"] == "threshold" and r["causal"] is True and r["step"] == 7
     assert list((run / "lm_eval").glob("*.json"))
+    # the registered `mor` model, built the way lm-eval's CLI builds it from --model_args
+    from lm_eval.api.registry import get_model
+
+    lm = get_model("mor").create_from_arg_string(
+        f"pretrained={run},routing=topk,shared_prefix=false", {"batch_size": "4", "max_batch_size": None}
+    )
+    assert (lm.step, lm.routing_rule, lm.causal) == (7, "topk", False)
+    assert (lm.shared_prefix, lm.batch_size) == (False, 4)
     evaluate_run(run, cfg)  # idempotent: rows are replaced, not duplicated
     lines = (run / "eval.jsonl").read_text().splitlines()
     assert len(lines) == len(rows)
@@ -386,3 +396,17 @@ def test_evaluate_run_clear_errors(tmp_path):
         evaluate_run(tmp_path / "empty", EvalConfig())
     with pytest.raises(ConfigError, match="batch_size"):
         evaluate_run(run, EvalConfig(batch_size=0))
+
+
+def test_eval_presets_match_the_schema():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from harness.evaluate import TASK_SETS
+
+    presets = sorted((Path(__file__).resolve().parents[1] / "conf" / "eval").glob("*.yaml"))
+    assert {p.stem for p in presets} >= {"demo", "paper"}
+    for p in presets:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.load(p)))
+        assert cfg.tasks in TASK_SETS

@@ -256,14 +256,14 @@ def record_depths(model):
         del router.select
 
 
-def validation_nll(lm, data_cfg, n_batches: int, batch_size: int) -> list[tuple[str, float, float, int]]:
-    """(metric, mean NLL/token, stderr, tokens) overall, per token class and per recursion depth."""
+def nll_stats(model, batches, device) -> list[tuple[str, float, float, int]]:
+    """(metric, mean NLL/token, stderr, tokens) overall, per token class and per recursion depth.
+
+    Runs under the caller's autocast/routing context; shared by training-time validation."""
     import torch
 
-    from .data import TOKEN_CLASSES, build_loader
+    from .data import TOKEN_CLASSES
 
-    model, device = lm.model, lm.device
-    loader = build_loader(data_cfg, lm.tokenizer, "val", batch_size)
     sums: dict[str, list[float]] = {}  # metric -> [sum, sum of squares, count]
 
     def add(name: str, nll: torch.Tensor) -> None:
@@ -272,10 +272,10 @@ def validation_nll(lm, data_cfg, n_batches: int, batch_size: int) -> list[tuple[
         s[1] += float((nll * nll).sum())
         s[2] += nll.numel()
 
-    with lm.routing_context(), record_depths(model) as rec:
-        for i, batch in enumerate(loader):
-            if i >= n_batches:
-                break
+    was = model.training
+    model.eval()
+    with torch.no_grad(), record_depths(model) as rec:
+        for batch in batches:
             ids, labels, cls = (batch[k].to(device) for k in ("input_ids", "labels", "token_class"))
             logits = model(ids).logits
             nll = torch.nn.functional.cross_entropy(
@@ -292,12 +292,24 @@ def validation_nll(lm, data_cfg, n_batches: int, batch_size: int) -> list[tuple[
                 d = rec["depth"].flatten()
                 for k in sorted(set(d[real].tolist())):
                     add(f"nll/depth{k}", nll[real & (d == k)])
+    model.train(was)
     out = []
     for name, (s, sq, n) in sums.items():
         mean = s / n
         var = max(sq / n - mean * mean, 0.0)
         out.append((name, mean, math.sqrt(var / max(n - 1, 1)), n))
     return out
+
+
+def validation_nll(lm, data_cfg, n_batches: int, batch_size: int) -> list[tuple[str, float, float, int]]:
+    """Validation NLL of the adapter's model on the run's held-out data (see `nll_stats`)."""
+    from itertools import islice
+
+    from .data import build_loader
+
+    loader = build_loader(data_cfg, lm.tokenizer, "val", batch_size)
+    with lm.routing_context():
+        return nll_stats(lm.model, islice(loader, n_batches), lm.device)
 
 
 # -- the run ------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from models import ConfigError, build_model
 
 from . import records
 from .config import model_config_from
-from .data import TOKEN_CLASSES, build_loader, load_tokenizer
+from .data import build_loader, load_tokenizer
 
 # dense bf16 peak FLOP/s per device, for MFU (None when unknown, e.g. CPUs)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12}
@@ -204,32 +204,18 @@ def load_checkpoint(ckpt: Path, model, opt, device) -> dict:
     return meta
 
 
-# -- validation ---------------------------------------------------------------------------------------------
-@torch.no_grad()
-def validation_nll(model, batches, device, autocast) -> dict[str, float]:
-    """Mean NLL per token over the held-out batches, overall and per synthetic token class."""
-    was = model.training
-    model.eval()
-    n_cls = len(TOKEN_CLASSES)
-    tot = torch.zeros(n_cls + 1, dtype=torch.float64, device=device)
-    cnt = torch.zeros(n_cls + 1, dtype=torch.float64, device=device)
-    for b in batches:
-        ids, labels, cls = (b[k].to(device) for k in ("input_ids", "labels", "token_class"))
-        with autocast:
-            logits = model(ids).logits
-        nll = torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), reduction="none", ignore_index=-100
-        ).double()
-        real = labels.flatten() != -100
-        c = cls.flatten().clamp_min(-1) + 1  # 0 = unknown class
-        tot.index_add_(0, c[real], nll[real])
-        cnt.index_add_(0, c[real], torch.ones_like(nll[real]))
-    model.train(was)
-    out = {"val/nll": float(tot.sum() / cnt.sum().clamp_min(1))}
-    for i, name in enumerate(TOKEN_CLASSES):
-        if cnt[i + 1] > 0:
-            out[f"val/nll_class/{name}"] = float(tot[i + 1] / cnt[i + 1])
-    return out
+# -- validation ---------------------------------------------------------------------------------------
+def validation_metrics(model, batches, device, autocast, calibrate_batches: int) -> dict[str, float]:
+    """`val/nll` overall, per token class and per depth, under the model's inference routing.
+
+    Expert-choice thresholds are first re-fitted to the training capacities on held-out batches,
+    so mid-training numbers use the same causal rule as the final evaluation."""
+    from .evaluate import nll_stats
+
+    with autocast:
+        if hasattr(model, "calibrate"):
+            model.calibrate([b["input_ids"].to(device) for b in batches[:calibrate_batches]])
+        return {f"val/{name}": mean for name, mean, _, _ in nll_stats(model, batches, device)}
 
 
 # -- the loop ---------------------------------------------------------------------------------------
@@ -445,7 +431,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 if device.type == "cuda":
                     row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device)
                 if t.eval_every and done_steps % t.eval_every == 0 and not last:
-                    row.update(validation_nll(core, get_val(), device, autocast))
+                    row.update(validation_metrics(core, get_val(), device, autocast, t.calibrate_batches))
                 if info.main:
                     records.append_jsonl(metrics_path, row)
                 bar.set_postfix(loss=f"{loss_v:.3f}")
@@ -458,11 +444,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                     bar.close()
                     raise Preempted(f"signal {sig.hit}: checkpoint saved at step {done_steps}")
     bar.close()
-    final = validation_nll(core, get_val(), device, autocast)
-    if hasattr(core, "calibrate"):  # fit causal routing thresholds on held-out data (expert-choice)
-        summary["calibration"] = core.calibrate(
-            [b["input_ids"].to(device) for b in get_val()[: t.calibrate_batches]]
-        )
+    final = validation_metrics(core, get_val(), device, autocast, t.calibrate_batches)
+    if hasattr(core, "router") and core.router.kind == "expert":  # thresholds saved with the weights
+        summary["thresholds"] = [float(x) for x in core.router.threshold]
     checkpoint(plan.steps, finished=True)
     if info.main:
         rows = records.read_jsonl(metrics_path)

@@ -24,8 +24,7 @@ from .load import load_results
 from .paper import DEFAULT_TABLES, join_paper
 from .tables import SPECS, MixedConfigError, build_table, render
 
-log = logging.getLogger("analysis")
-PLOT_NAMES = ("isoflop", "loss", "throughput", "kv_memory", "router_depth")
+PLOT_NAMES = ("isoflop", "loss", "loss_vs_flops", "throughput", "kv_memory", "router_depth")
 
 
 @dataclass
@@ -92,8 +91,7 @@ def generate(
     results.runs[runs_cols].to_csv(report.runs_csv, index=False)
     for name, table in built.items():
         report.warnings[name] = list(table.attrs.get("warnings", []))
-        if table.empty:
-            log.info("table %s: no runs, nothing written", name)
+        if table.empty:  # reported once by main ("no runs (skipped)"), with the experiments it looked for
             continue
         report.tables[name] = render(table, out / "tables", name)
         if paper and name in DEFAULT_TABLES:
@@ -159,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     for name, warns in report.warnings.items():
-        for w in warns:
+        for w in warns if name in report.tables else []:
             print(f"mor-tables: warning [{name}]: {w}", file=sys.stderr)
     print(f"runs: {report.runs_csv}")
     if report.tables:
@@ -168,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {name}: {', '.join(p.name for p in paths.values())}")
     for name in tables:
         if name not in report.tables:
-            print(f"  {name}: no runs (skipped)")
+            why = next((w for w in report.warnings.get(name, []) if w.startswith("no runs in")), "no runs")
+            print(f"  {name}: skipped ({why})")
     if plots:
         print(f"plots -> {report.out / 'plots'}")
         for name, paths in report.plots.items():

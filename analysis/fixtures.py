@@ -37,6 +37,7 @@ PAPER_TASKS = {  # task -> (metrics written, chance level)
 DEMO_TASKS = {"demo_mc": (("acc",), 0.25), "demo_lastword": (("acc",), 0.0)}
 TOKEN_CLASSES = ("content", "function", "punct", "number")
 POSITION_BINS = (0, 64, 128, 192)
+DEPTH_TOKENS = (1000, 600, 300, 100, 50)  # validation tokens ending at depth 1, 2, ... (MoR evals)
 
 SIZES = {  # name -> (d_model, n_layers, n_heads, n_kv_heads, d_ff, vocab)
     "tiny": (64, 6, 4, 2, 172, 2048),
@@ -316,7 +317,19 @@ def _make_run(
                         "step": final,
                     }
                 )
-            if family == "mor":
+            if family == "mor":  # tokens by final depth, as harness.evaluate writes them
+                for k in range(1, n_r + 1):
+                    rows.append(
+                        {
+                            **base,
+                            "task": "val",
+                            "metric": f"nll/depth{k}",
+                            "value": nll + 0.1 * k,
+                            "n": DEPTH_TOKENS[k - 1] if k < n_r else sum(DEPTH_TOKENS[k - 1 :]),
+                            "step": final,
+                        }
+                    )
+            if family == "mor" and router == "expert_choice":  # the contract's depth fractions
                 for c in (*TOKEN_CLASSES, *(f"pos_{p}" for p in POSITION_BINS)):
                     # fraction of the class's tokens reaching recursion k (k=1 is all of them)
                     keep = 0.55 + _noise(c, run_name, scale=0.3)
@@ -369,6 +382,7 @@ def _make_run(
                     "probe": "decode",
                     "batch_size": b,
                     "tokens_per_s": 400.0 * speed * b**0.85,
+                    "kv_bytes_per_token_analytic": kv_bytes,  # as harness.bench writes it
                     "ms_per_step": 1000.0 * b / (400.0 * speed * b**0.85),
                     "peak_mem_bytes": 2**27 + b * kv_bytes * 512,
                     "device": "cpu",
@@ -393,11 +407,12 @@ def _make_run(
             {
                 "probe": "memory",
                 "batch_size": 1,
-                "kv_bytes_per_token": kv_bytes * 1.02,
-                "kv_bytes_per_token_analytic": kv_bytes,
+                "kv_bytes_per_token": kv_bytes * 1.02,  # measured (docs/run_dir.md)
+                "param_bytes": 4 * params_nonemb,
+                "kv_bytes_per_seq": kv_bytes * seq_len,
                 "peak_mem_bytes": 2**27,
                 "device": "cpu",
-                "dtype": "bfloat16",
+                "dtype": "float32",
                 "compile": False,
             }
         )

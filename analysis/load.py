@@ -41,8 +41,20 @@ log = logging.getLogger("analysis")
 
 STATUSES = ("done", "failed", "partial", "pending")
 ID_COLUMNS = ("run_id", "experiment", "run", "path", "status")
-# Config keys that legitimately differ between seeds of one setup (besides *seed itself).
-SEED_IGNORE = ("run_name", "run_dir", "out_dir", "output_dir", "hydra.*", "*seed")
+# Config keys that do not define a setup: seeds, names, output locations and job plumbing. Runs that
+# differ only in these are seeds (or reruns) of one setup.
+SEED_IGNORE = (
+    "*seed",
+    "run_name",
+    "results_root",
+    "*_dir",
+    "hydra.*",
+    "stages",
+    "train.progress",
+    "train.max_retries",
+    "train.resume_force",
+    "train.wandb",
+)
 
 SHARING_LABELS = {
     "cycle": "Cyc",
@@ -212,8 +224,12 @@ class Results:
         ev = self.evals
         if not ev.empty and {"task", "metric", "value"} <= set(ev.columns):
             sel = ev[(ev["task"] == "val") & (ev["metric"] == "nll")]
-            if "step" in sel:
-                sel = sel.sort_values("step", kind="stable", na_position="first")
+            # the causal inference rule wins over e.g. non-causal expert-choice top-k, then the latest step
+            sel = sel.assign(
+                _causal=sel["causal"].eq(True) if "causal" in sel else True,
+                _step=pd.to_numeric(sel["step"], errors="coerce") if "step" in sel else 0.0,
+            )
+            sel = sel.sort_values(["_causal", "_step"], kind="stable", na_position="first")
             out.update(sel.groupby("run_id")["value"].last())
         if "val/nll" in self.metrics:
             last = self.last_metrics(["val/nll"])["val/nll"]

@@ -8,12 +8,14 @@ runs several by name (`PLOTS`).
   non-embedding params per family with one curve per budget: a quadratic in log10(params) is
   fitted per (family, budget) and its optimum marked with a star (paper Fig. 5a style); the
   optima are also written to isoflop_optima.csv.
-- `loss`: training loss vs tokens, one line per run, one panel per experiment.
+- `loss`: training loss vs tokens, one line per run, one panel per experiment; `loss_vs_flops`:
+  the same against cumulative training FLOPs (the compute-matched view).
 - `throughput`: decode tokens/s vs batch size (bench probe "decode").
 - `kv_memory`: KV-cache bytes per token per model, measured and analytic (bench probe "memory").
 - `router_depth`: heatmaps of the fraction of tokens reaching recursion k, by token class and by
   position. Input: eval.jsonl rows with task "val" and metric `depth_frac/<class>/r<k>`; a class
-  named `pos_<start>` (or `pos<start>`) is a position bucket starting at token `<start>`.
+  named `pos_<start>` (or `pos<start>`) is a position bucket starting at token `<start>`. Runs
+  without them fall back to one class "all" from the token counts `n` of `nll/depth<k>` rows.
 """
 
 from __future__ import annotations
@@ -199,22 +201,29 @@ def plot_isoflop(
 
 
 # -- training curves -------------------------------------------------------------------------------------
-def plot_loss_curves(results: Results, out_dir: str | Path) -> list[Path]:
+def plot_loss_curves(results: Results, out_dir: str | Path, x: str = "tokens") -> list[Path]:
+    """Training loss vs `x` ("tokens" -> loss_curves, "flops" -> loss_vs_flops), one line per run."""
+    name, label = {
+        "tokens": ("loss_curves", "training tokens"),
+        "flops": ("loss_vs_flops", "training FLOPs"),
+    }[x]
     m = results.metrics
-    if m.empty or not {"loss", "tokens"} <= set(m.columns):
-        return _skip("loss", "metrics.jsonl has no loss/tokens rows")
+    if m.empty or not {"loss", x} <= set(m.columns):
+        return _skip(name, f"metrics.jsonl has no loss/{x} rows")
     runs = results.runs.set_index("run_id")
-    df = m[["run_id", "tokens", "loss"]].dropna().copy()
+    df = m[["run_id", x, "loss"]].dropna().copy()
     if df.empty:
-        return _skip("loss", "metrics.jsonl has no loss/tokens rows")
-    df["model"] = df["run_id"].map(runs["label_nr"])
+        return _skip(name, f"metrics.jsonl has no loss/{x} rows")
+    df["model"] = df["run_id"].map(runs["label_nr"]) + df["run_id"].map(runs["kv_label"]).map(
+        lambda k: " (KV share)" if k == "Share" else ""
+    )
     df["size"] = df["run_id"].map(runs["size_label"]).astype(str)
     df["experiment"] = df["run_id"].map(runs["experiment"]).astype(str)
     _theme()
     exps = list(dict.fromkeys(df["experiment"]))
     g = sns.relplot(
         data=df,
-        x="tokens",
+        x=x,
         y="loss",
         hue="model",
         style="size",
@@ -229,8 +238,13 @@ def plot_loss_curves(results: Results, out_dir: str | Path) -> list[Path]:
         facet_kws={"sharex": False, "sharey": False},
         lw=1,
     )
-    g.set_axis_labels("training tokens", "training loss")
-    return save(g.figure, out_dir, "loss_curves")
+    g.set_axis_labels(label, "training loss")
+    return save(g.figure, out_dir, name)
+
+
+def plot_loss_vs_flops(results: Results, out_dir: str | Path) -> list[Path]:
+    """Training loss vs cumulative training FLOPs: the compute-matched view of the loss curves."""
+    return plot_loss_curves(results, out_dir, x="flops")
 
 
 # -- inference probes ------------------------------------------------------------------------------------
@@ -279,11 +293,16 @@ def plot_throughput(results: Results, out_dir: str | Path) -> list[Path]:
 
 
 def plot_kv_memory(results: Results, out_dir: str | Path) -> list[Path]:
-    b = _bench(results, "memory")
-    cols = [c for c in ("kv_bytes_per_token", "kv_bytes_per_token_analytic") if c in b]
+    cols = [c for c in ("kv_bytes_per_token", "kv_bytes_per_token_analytic") if c in results.bench]
+    b = results.bench
     if b.empty or not cols:
-        return _skip("kv_memory", "no memory rows with kv_bytes_per_token in bench.jsonl")
-    long = b.melt(
+        return _skip("kv_memory", "no bench.jsonl rows with kv_bytes_per_token(_analytic)")
+    runs = _done_runs(results).set_index("run_id")
+    b = b[b["run_id"].isin(runs.index)]
+    per_run = b.groupby("run_id")[cols].mean().reset_index()  # any probe that reports the field
+    for col, src in (("model", "label_nr"), ("size", "size_label"), ("kv", "kv_label")):
+        per_run[col] = per_run["run_id"].map(runs[src]).astype(str)
+    long = per_run.melt(
         id_vars=["run_id", "model", "size", "kv"], value_vars=cols, var_name="kind", value_name="bytes"
     ).dropna(subset=["bytes"])
     if long.empty:
@@ -291,7 +310,7 @@ def plot_kv_memory(results: Results, out_dir: str | Path) -> list[Path]:
     long["kind"] = long["kind"].map(
         {"kv_bytes_per_token": "measured", "kv_bytes_per_token_analytic": "analytic"}
     )
-    long["model"] = long["model"] + long["kv"].map(lambda k: "" if k in ("–", "Cache", "nan") else f" ({k})")
+    long["model"] = long["model"] + long["kv"].map(lambda k: " (KV share)" if k == "Share" else "")
     _theme()
     sizes = _size_order(long["size"])
     g = sns.catplot(
@@ -315,29 +334,71 @@ def plot_kv_memory(results: Results, out_dir: str | Path) -> list[Path]:
 
 
 # -- router depth ----------------------------------------------------------------------------------------
+def _depth_from_nll_counts(ev: pd.DataFrame) -> pd.DataFrame:
+    """Class "all" rows from `nll/depth<k>` token counts (what harness.evaluate writes today).
+
+    `n` of `nll/depth<k>` counts tokens that ran k recursions, so the fraction reaching recursion k
+    is the share of tokens with depth >= k.
+    """
+    if "n" not in ev:
+        return ev.iloc[0:0]
+    d = ev[ev["metric"].astype(str).str.match(r"^nll/depth\d+$")].copy()
+    if d.empty:
+        return d
+    d["depth"] = d["metric"].str.extract(r"(\d+)$")[0].astype(int)
+    d["n"] = pd.to_numeric(d["n"], errors="coerce")
+    rows = []
+    for rid, g in d.dropna(subset=["n"]).groupby("run_id"):
+        total = g["n"].sum()
+        if total <= 0:
+            continue
+        for k in range(1, int(g["depth"].max()) + 1):
+            rows.append(
+                {
+                    "run_id": rid,
+                    "cls": "all",
+                    "recursion": k,
+                    "value": g.loc[g["depth"] >= k, "n"].sum() / total,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 def router_depth_frame(results: Results) -> pd.DataFrame:
-    """Tidy depth fractions: run_id, model, size, cls, position (start or NaN), recursion, value."""
+    """Tidy depth fractions: run_id, model, size, cls, position (start or NaN), recursion, value.
+
+    From eval rows `depth_frac/<class>/r<k>` (task val); runs without them but with `nll/depth<k>`
+    rows (token counts per depth) contribute one class, "all".
+    """
     ev = results.evals
     if ev.empty or not {"task", "metric", "value"} <= set(ev.columns):
         return pd.DataFrame()
-    ev = ev[(ev["task"] == "val") & ev["metric"].astype(str).str.startswith("depth_frac/")].copy()
-    if ev.empty:
-        return pd.DataFrame()
-    parts = ev["metric"].astype(str).str.extract(DEPTH_RE)
-    ev["cls"], ev["recursion"] = parts[0], pd.to_numeric(parts[1], errors="coerce")
-    ev = ev.dropna(subset=["cls", "recursion"])
+    ev = ev[ev["task"] == "val"].copy()
     if "causal" in ev:  # prefer the causal inference rule where a run reports both
         has = ev.groupby("run_id")["causal"].transform(lambda s: s.eq(True).any())
         ev = ev[~has | ev["causal"].eq(True)]
     if "step" in ev:
         last = ev.groupby("run_id")["step"].transform("max")
         ev = ev[ev["step"].isna() | ev["step"].eq(last)]
+    frac = ev[ev["metric"].astype(str).str.startswith("depth_frac/")].copy()
+    parts = frac["metric"].astype(str).str.extract(DEPTH_RE)
+    frac["cls"], frac["recursion"] = parts[0], pd.to_numeric(parts[1], errors="coerce")
+    frac = frac.dropna(subset=["cls", "recursion"])[["run_id", "cls", "recursion", "value"]]
+    counts = _depth_from_nll_counts(ev[~ev["run_id"].isin(frac["run_id"])])
+    df = (
+        pd.concat([x for x in (frac, counts) if not x.empty], ignore_index=True)
+        if len(frac) or len(counts)
+        else pd.DataFrame()
+    )
+    if df.empty:
+        return df
     runs = results.runs.set_index("run_id")
-    kv = ev["run_id"].map(runs["kv_label"]).map(lambda k: " KV-share" if k == "Share" else "")
-    ev["model"] = ev["run_id"].map(runs["label_nr"]) + kv
-    ev["size"] = ev["run_id"].map(runs["size_label"]).astype(str)
-    ev["position"] = pd.to_numeric(ev["cls"].str.extract(POS_RE)[0], errors="coerce")
-    return ev[["run_id", "model", "size", "cls", "position", "recursion", "value"]].reset_index(drop=True)
+    kv = df["run_id"].map(runs["kv_label"]).map(lambda k: " KV-share" if k == "Share" else "")
+    df["model"] = df["run_id"].map(runs["label_nr"]) + kv
+    df["size"] = df["run_id"].map(runs["size_label"]).astype(str)
+    df["position"] = pd.to_numeric(df["cls"].astype(str).str.extract(POS_RE)[0], errors="coerce")
+    df["value"] = pd.to_numeric(df["value"], errors="coerce")
+    return df[["run_id", "model", "size", "cls", "position", "recursion", "value"]].reset_index(drop=True)
 
 
 def _heatmaps(df: pd.DataFrame, row: str, title: str, out_dir: str | Path, name: str) -> list[Path]:
@@ -384,7 +445,10 @@ def _heatmaps(df: pd.DataFrame, row: str, title: str, out_dir: str | Path, name:
 def plot_router_depth(results: Results, out_dir: str | Path) -> list[Path]:
     df = router_depth_frame(results)
     if df.empty:
-        return _skip("router_depth", "no eval rows with task 'val' and metric 'depth_frac/<class>/r<k>'")
+        return _skip(
+            "router_depth",
+            "no eval rows with task 'val' and metric 'depth_frac/<class>/r<k>' or 'nll/depth<k>'",
+        )
     _theme()
     paths: list[Path] = []
     cls = df[df["position"].isna()]
@@ -415,6 +479,7 @@ def plot_router_depth(results: Results, out_dir: str | Path) -> list[Path]:
 PLOTS: dict[str, Callable[..., list[Path]]] = {
     "isoflop": plot_isoflop,
     "loss": plot_loss_curves,
+    "loss_vs_flops": plot_loss_vs_flops,
     "throughput": plot_throughput,
     "kv_memory": plot_kv_memory,
     "router_depth": plot_router_depth,

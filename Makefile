@@ -19,6 +19,8 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/mor-run --multirun experiment=demo
 	$(BIN)/mor-tables results/runs/demo --out results/demo --tables demo --plots loss_vs_flops
+	cp results/demo/tables/demo.md results/demo/table.md
+	cp results/demo/tables/demo.csv results/demo/table.csv
 
 test: venv
 	$(BIN)/python -m pytest -q

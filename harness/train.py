@@ -10,6 +10,7 @@ resumed exactly (model, optimizer, RNG, data position), `DONE` is never retraine
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -242,6 +243,22 @@ class _Signals:
             signal.signal(s, h)
 
 
+def _wandb_init(cfg: DictConfig, run_dir: Path):
+    """Optional W&B mirror of metrics.jsonl (the files stay the source of truth)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("train.wandb=true needs the wandb package: pip install wandb") from None
+    return wandb.init(
+        project=f"mor-bench-{cfg.experiment}",
+        name=cfg.run_name,
+        id=hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16],  # resumes the same W&B run
+        resume="allow",
+        dir=str(run_dir),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
 def autocast_for(precision: str, device: torch.device):
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -267,6 +284,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         )
     if cfg.data.seq_len > mcfg.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}")
+    wandb_run = _wandb_init(cfg, run_dir) if t.wandb and info.main else None
     model = build_model(mcfg).to(device)
     plan = plan_budget(cfg, model, info.world)
     autocast = autocast_for(t.precision, device)
@@ -434,6 +452,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                     row.update(validation_metrics(core, get_val(), device, autocast, t.calibrate_batches))
                 if info.main:
                     records.append_jsonl(metrics_path, row)
+                    if wandb_run is not None:
+                        wandb_run.log(row, step=done_steps)
                 bar.set_postfix(loss=f"{loss_v:.3f}")
                 t_log, last_logged = now, done_steps
             if last:

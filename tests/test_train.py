@@ -72,6 +72,7 @@ def test_wsd_and_cosine_schedules():
         ("data.seq_len=4096", "data.seq_len"),
         ("model.vocab_size=16", "model.vocab_size"),
         ("train.budget.kind=hours", "train.budget.kind"),
+        ("train.wandb=true", "train.wandb"),  # the optional mirror is not installed in the test venv
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, override, key):

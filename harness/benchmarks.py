@@ -105,6 +105,63 @@ def mor_step_ratio(size: dict, batch: int, seq: int, iters: int) -> dict:
     }
 
 
+def eval_speed(size: dict, limit: int) -> dict:
+    """Our lm-eval adapter vs lm-eval's `hf` backend on the same exported vanilla weights and the
+    same multiple-choice task (demo_mc through simple_evaluate): requests/s and scores."""
+    import tempfile
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from transformers import PreTrainedTokenizerFast
+
+    from models.hf_io import export_hf
+
+    from .data import synthetic_tokenizer
+    from .evaluate import task_manager
+    from .lm_eval_adapter import MoRLM
+    from .tasks import write_demo_tasks
+
+    torch.manual_seed(0)
+    tok = synthetic_tokenizer()
+    # the paper's 49152-token vocabulary (rows past the synthetic tokenizer's are simply unused):
+    # the LM head over every position is what an adapter that scores only needed positions saves
+    model = build_model(ModelConfig(family="vanilla", **{**size, "vocab_size": 49152})).eval()
+    out: dict = {"task": "demo_mc", "limit": limit, "batch_size": 32, "vocab_size": 49152}
+    with tempfile.TemporaryDirectory() as d:
+        export_hf(model, f"{d}/hf")
+        PreTrainedTokenizerFast(
+            tokenizer_object=tok.backend, eos_token=tok.backend.id_to_token(tok.eos_id)
+        ).save_pretrained(f"{d}/hf")
+        tm = task_manager(["demo_mc"], [str(write_demo_tasks(Path(d) / "tasks", n=limit))])
+        lms = {
+            "ours": MoRLM.from_model(model, tok, batch_size=32),
+            "hf": HFLM(pretrained=f"{d}/hf", device="cpu", batch_size=32, dtype="float32"),
+        }
+        for name, lm in lms.items():
+            t0 = time.perf_counter()
+            res = simple_evaluate(
+                model=lm, tasks=["demo_mc"], task_manager=tm, limit=limit, bootstrap_iters=0
+            )
+            dt = time.perf_counter() - t0
+            n_req = 4 * limit  # demo_mc: one loglikelihood request per choice, 4 choices
+            out[f"{name}_s"] = dt
+            out[f"{name}_requests_per_s"] = n_req / dt
+            out[f"{name}_acc"] = res["results"]["demo_mc"]["acc,none"]
+    out["speedup"] = out["ours_requests_per_s"] / out["hf_requests_per_s"]
+    out["same_scores"] = out["ours_acc"] == out["hf_acc"]
+    out["goal"] = ">= 2x with the same scores"
+    return out
+
+
+def loader_speed(seq_len: int, batch: int) -> dict:
+    """The synthetic loader's tokens/s, to set next to the models' training tokens/s."""
+    from .data import DataConfig, build_loader, measure_loader_throughput, synthetic_tokenizer
+
+    cfg = DataConfig(seq_len=seq_len)
+    tok_s = measure_loader_throughput(build_loader(cfg, synthetic_tokenizer(), "train", batch), 50)
+    return {"source": "synthetic", "seq_len": seq_len, "batch": batch, "tokens_per_s": tok_s}
+
+
 def probes(size_name: str, quick: bool) -> list[dict]:
     from hydra import compose, initialize_config_module
 
@@ -152,6 +209,8 @@ def main() -> None:
     results = {
         "model_speed": model_speed(size, 8, 256, iters),
         "mor_step_ratio": mor_step_ratio(size, 8, 256, iters),
+        "eval_speed": eval_speed(size, 40 if args.quick else 200),
+        "loader_speed": loader_speed(256, 8),
         "probes": probes(args.size, args.quick),
     }
     for name, value in results.items():

@@ -270,6 +270,13 @@ class MoRLM(TemplateLM):
         pad = self.eot_token_id
         return torch.tensor([s + [pad] * (T - len(s)) for s in seqs], dtype=torch.long, device=self.device)
 
+    def _positions(self, starts: list[int], targets: list[list[int]]) -> torch.Tensor:
+        """[B, k] positions starts[i] + j (j < len(targets[i])), right-padded by repeating the last."""
+        k = max(len(t) for t in targets)
+        return torch.tensor(
+            [[s + min(j, len(t) - 1) for j in range(k)] for s, t in zip(starts, targets)], device=self.device
+        )
+
     def _score_rows(self, logits: torch.Tensor, rows: list[int], starts: list[int], targets: list[list[int]]):
         """Per-token log-probs of targets[i] read at logits[rows[i], starts[i] + j]: (log-probs, greedy?)."""
         r = torch.tensor([row for row, t in zip(rows, targets) for _ in t], device=logits.device)
@@ -292,10 +299,11 @@ class MoRLM(TemplateLM):
         order = sorted(range(len(items)), key=lambda i: -(len(items[i][0]) + len(items[i][1])))
         for chunk in _batches(order, batch_size):
             inps = [(items[i][0] + items[i][1])[:-1] for i in chunk]
-            logits = self.model(self._pad(inps)).logits
             conts = [items[i][1] for i in chunk]
             starts = [len(x) - len(c) for x, c in zip(inps, conts)]
-            for i, (lp, hit) in zip(chunk, self._score_rows(logits, list(range(len(chunk))), starts, conts)):
+            logits = self.model(self._pad(inps), logits_index=self._positions(starts, conts)).logits
+            zeros = [0] * len(chunk)
+            for i, (lp, hit) in zip(chunk, self._score_rows(logits, list(range(len(chunk))), zeros, conts)):
                 res[i] = (lp, hit)
             pbar.update(len(chunk))
         return res
@@ -335,12 +343,10 @@ class MoRLM(TemplateLM):
         rows = [(g, i) for g, key in enumerate(batch) for i in groups[key]]
         kmax = max(len(items[i][1]) for _, i in rows)
         cache = self.model.make_cache(len(ctxs), max_len=N + max(kmax - 1, 1))
-        logits = self.model(self._pad(ctxs), cache=cache).logits
+        # only each context's last position is scored here: logits for one position per row
+        logits = self.model(self._pad(ctxs), cache=cache, logits_index=(n - 1)[:, None]).logits
         first = self._score_rows(
-            logits,
-            [g for g, _ in rows],
-            [len(ctxs[g]) - 1 for g, _ in rows],
-            [items[i][1][:1] for _, i in rows],
+            logits, [g for g, _ in rows], [0] * len(rows), [items[i][1][:1] for _, i in rows]
         )
         for (_, i), (lp, hit) in zip(rows, first):
             res[i] = (lp, hit)

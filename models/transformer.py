@@ -72,7 +72,10 @@ class TransformerLM(nn.Module):
         labels: Tensor | None = None,
         cache: KVCache | None = None,
         position_ids: Tensor | None = None,
+        logits_index: Tensor | None = None,
     ) -> ModelOutput:
+        """`logits_index` [B, k]: compute logits only at these positions (scoring needs a few of T;
+        the LM head is the largest matmul at a 49k vocabulary). Not combinable with `labels`."""
         B, T = input_ids.shape
         start = cache.seen if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -87,7 +90,12 @@ class TransformerLM(nn.Module):
         x = self.trunk(x, position_ids, cache, aux, stats)
         if cache is not None:
             cache.seen += T
-        logits = self.logits(self.norm(x))
+        h = self.norm(x)
+        if logits_index is not None:
+            if labels is not None:
+                raise ValueError("logits_index and labels cannot be combined: the loss needs every position")
+            h = torch.gather(h, 1, logits_index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+        logits = self.logits(h)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)

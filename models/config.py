@@ -6,7 +6,6 @@ key is an error. Validation lives in `ModelConfig.validate()` and runs at model 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,31 +105,3 @@ class ModelConfig:
             raise bad(
                 "kv", self.kv, "KV sharing reuses recursion 1's cache: needs sharing=cycle or middle_cycle"
             )
-
-    def layout(self) -> tuple[int, int, int]:
-        """(prelude, block, coda) unique layer counts; effective depth = prelude + block*N_r + coda."""
-        if self.family == "vanilla" or self.num_recursions == 1 and self.block_layers is None:
-            return 0, self.n_layers, 0
-        edge = 1 if self.sharing.startswith("middle") else 0
-        block = self.block_layers or math.ceil((self.n_layers - 2 * edge) / self.num_recursions)
-        return edge, block, edge
-
-    def schedule(self) -> list[int]:
-        """Unique-layer index applied at each effective depth, per the paper's Table 1 definitions."""
-        pre, block, coda = self.layout()
-        n = self.num_recursions if self.family != "vanilla" else 1
-        if self.sharing in ("cycle", "middle_cycle") or n == 1:
-            core = [pre + i for _ in range(n) for i in range(block)]
-        else:  # sequence: each unique layer repeated N_r times in a row
-            core = [pre + i for i in range(block) for _ in range(n)]
-        return list(range(pre)) + core + [pre + block + i for i in range(coda)]
-
-    def slot_recursions(self) -> list[int]:
-        """Recursion index (0-based) of each effective layer; -1 for unique first/last layers."""
-        pre, block, coda = self.layout()
-        n = len(self.schedule()) - pre - coda
-        if self.sharing in ("cycle", "middle_cycle") or block == n:
-            core = [i // block for i in range(n)]
-        else:  # sequence sharing interleaves recursions layer by layer
-            core = [i % self.num_recursions for i in range(n)]
-        return [-1] * pre + core + [-1] * coda

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import ModelConfig
+from .recursive import slot_recursions
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Flops:
 
 def _slots(cfg: ModelConfig, fractions: list[float]):
     """(fraction of tokens, fraction of keys, kv_shared) for each effective layer."""
-    rec = cfg.slot_recursions()
+    rec = slot_recursions(cfg)
     first = fractions[0] if fractions else 1.0
     for r in rec:
         c = 1.0 if r < 0 else fractions[r]
@@ -76,7 +77,7 @@ def kv_bytes_per_token(
 ) -> float:
     """Cached K+V bytes per token of sequence: slots owning storage, times the share of tokens cached."""
     per_slot = 2 * cfg.n_kv_heads * cfg.head_dim * dtype_bytes
-    rec = cfg.slot_recursions()
+    rec = slot_recursions(cfg)
     total = 0.0
     for (c, _, shared), r in zip(_slots(cfg, fractions), rec, strict=True):
         if shared or (recursion_only and r < 0):

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .config import ConfigError, ModelConfig
 from .kv_cache import KVCache, SharedKV
+from .recursive import slot_recursions
 from .routers.base import get_router_class
 from .routers.expert_choice import CAUSAL_RULES
 from .transformer import TransformerLM
@@ -35,7 +36,7 @@ class MoRLM(TransformerLM):
         super().__init__(cfg)
         self.router = router_cls(cfg.router, cfg.d_model, cfg.num_recursions)
         self.router.apply(self._init_router)
-        rec = cfg.slot_recursions()
+        rec = slot_recursions(cfg)
         self.slots_pre = [s for s, r in enumerate(rec) if r < 0 and s < rec.index(0)]
         self.slots_rec = [[s for s, x in enumerate(rec) if x == r] for r in range(cfg.num_recursions)]
         self.slots_post = [s for s, r in enumerate(rec) if r < 0 and s > rec.index(0)]

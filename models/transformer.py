@@ -1,6 +1,6 @@
 """Llama-style decoder LM; the base class of every family.
 
-`TransformerLM` runs its unique `layers` in the order given by `ModelConfig.schedule()`: plain
+`TransformerLM` runs its unique `layers` in the order given by `recursive.schedule(cfg)`: plain
 depth for vanilla, repeated blocks for recursive models. MoR overrides only the recursion part
 (`models/mor.py`). The model contract (DESIGN.md):
 
@@ -20,6 +20,7 @@ from . import flops as flops_lib
 from .config import ConfigError, ModelConfig
 from .kv_cache import KVCache, SharedKV, SlotPlan
 from .layers import Block, RMSNorm, Rotary
+from .recursive import layout, schedule, slot_recursions
 
 
 @dataclass
@@ -35,13 +36,13 @@ class TransformerLM(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        pre, block, coda = cfg.layout()
+        pre, block, coda = layout(cfg)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(pre + block + coda))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.schedule = cfg.schedule()
+        self.schedule = schedule(cfg)
         self.plan = self.slot_plan()
         self.reset_parameters()
 
@@ -55,7 +56,7 @@ class TransformerLM(nn.Module):
                 nn.init.ones_(m.weight)
 
     def slot_plan(self) -> SlotPlan:
-        rec = self.cfg.slot_recursions()
+        rec = slot_recursions(self.cfg)
         source = list(range(len(self.schedule)))
         if self.cfg.kv == "share":  # later recursions read the first recursion's slot of the same layer
             first = {self.schedule[s]: s for s in range(len(rec)) if rec[s] == 0}

@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models import ConfigError, ModelConfig, RouterConfig, build_model
 from models import flops as flops_lib
+from models.recursive import layout
 from models.routers.expert_choice import ExpertChoiceRouter
 
 # the registry test reaches MyRouter through the dotted path "tests.test_models.MyRouter"; under
@@ -350,9 +351,9 @@ def test_paper_flops_reproduce_table3_and_table7():
     for n_r, rec, mor_tok in ((2, 20, 26), (3, 20, 30), (4, 19, 30)):
         assert round(paper_tokens_b(paper_model("360m", "recursive", n_r), 16.5e18)) == rec
         assert round(paper_tokens_b(paper_model("360m", "mor", n_r), 16.5e18)) == mor_tok
-    assert paper_model("360m", "mor", 4).cfg.layout() == (1, 8, 1)
+    assert layout(paper_model("360m", "mor", 4).cfg) == (1, 8, 1)
     assert len(paper_model("360m", "mor", 4).schedule) == 34
-    assert paper_model("360m", "mor", 2).cfg.layout() == (1, 15, 1)
+    assert layout(paper_model("360m", "mor", 2).cfg) == (1, 15, 1)
     share = paper_model("360m", "mor", kv="share")
     assert paper_tokens_b(share, 16.5e18) == pytest.approx(30.77, abs=0.005)
     assert abs(paper_tokens_b(share, 16.5e18) * 1e9 / step - 14672) <= 1  # released KV-share config

@@ -443,6 +443,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 }
                 row.update({f"aux/{k}": float(v / plan.accum) for k, v in aux_sums.items()})
                 row.update({k: float(v / plan.accum) for k, v in stat_sums.items()})
+                loads = [row.get(f"router/load_r{r}") for r in range(core.cfg.num_recursions)]
+                if core.cfg.family == "mor" and None not in loads:
+                    # compute this step's routing really spent, next to the nominal budget rule
+                    # (token-choice budgets assume perfect balancing, as the paper does)
+                    f = core.flops_per_token(cfg.data.seq_len, t.flops_convention, fractions=loads)
+                    row["flops_per_token_measured"] = f.train if t.flops_convention == "exact" else f.forward
                 peak = PEAK_FLOPS.get(next((k for k in PEAK_FLOPS if k in records.device_name(device)), ""))
                 if peak:
                     row["mfu"] = tok_s * plan.flops_per_token_exact_train / (peak * info.world)

@@ -187,7 +187,11 @@ def probes(size_name: str, quick: bool) -> list[dict]:
             )
             for r in run_bench(cfg, None):
                 rows.append({"model": m, "size": size_name, **r})
-    van = {(r["probe"], r.get("batch_size")): r["tokens_per_s"] for r in rows if r["model"] == "vanilla"}
+    van = {
+        (r["probe"], r.get("batch_size")): r["tokens_per_s"]
+        for r in rows
+        if r["model"] == "vanilla" and "tokens_per_s" in r
+    }
     for r in rows:
         if "tokens_per_s" in r and (r["probe"], r.get("batch_size")) in van:
             r["speed_ratio_vs_vanilla"] = r["tokens_per_s"] / van[(r["probe"], r.get("batch_size"))]
@@ -206,14 +210,15 @@ def main() -> None:
     env = records.env_info("cuda" if torch.cuda.is_available() else "cpu")
     size = SIZES[args.size]
     iters = 3 if args.quick else 10
-    results = {
-        "model_speed": model_speed(size, 8, 256, iters),
-        "mor_step_ratio": mor_step_ratio(size, 8, 256, iters),
-        "eval_speed": eval_speed(size, 40 if args.quick else 200),
-        "loader_speed": loader_speed(256, 8),
-        "probes": probes(args.size, args.quick),
+    benches = {
+        "model_speed": lambda: model_speed(size, 8, 256, iters),
+        "mor_step_ratio": lambda: mor_step_ratio(size, 8, 256, iters),
+        "eval_speed": lambda: eval_speed(size, 40 if args.quick else 200),
+        "loader_speed": lambda: loader_speed(256, 8),
+        "probes": lambda: probes(args.size, args.quick),
     }
-    for name, value in results.items():
+    for name, fn in benches.items():  # each file is written as soon as its numbers exist
+        value = fn()
         records.write_json(out / f"{name}.json", {"env": env, "size": args.size, "results": value})
         print(f"{name}: {json.dumps(value, default=float)[:400]}")
     print(f"wrote {out}/*.json")

@@ -2,25 +2,39 @@
 
     mor-bench model=mor_expert size=small bench=decode bench.weights=random
 
-Decode (first form): prompt-free generation (one BOS token) of `num_requests` requests whose
-lengths are drawn from Normal(gen_len_mean, gen_len_std), served in batches of `batch_size` with
-KV-cached decoding; tokens/s counts only requested tokens. Expert-choice MoR decodes with its
-causal rule; with random weights its thresholds are first calibrated to the trained capacities.
+Decode (the paper's protocol, section 3 of reference/paper.md): prompt-free generation (one BOS
+token) of `num_requests` requests whose lengths are drawn from Normal(gen_len_mean, gen_len_std),
+served FIFO by the decode engine (harness/engine.py): continuous sequence-wise batching for
+vanilla/recursive models, continuous depth-wise batching for MoR, static KV caches. Each batch size
+in `batch_sizes` gives a row; `max_batch` adds the largest batch whose parameters + KV cache fit
+`memory_budget_gb` (`max_batch_rule=relative`: the paper's 32 x fit(model)/fit(vanilla)).
+tokens/s counts only generated tokens. Rows carry measured and analytic KV bytes per token, peak
+memory, the exit-depth histogram (MoR) and the analytic forward-FLOP ratio to the vanilla model of
+the same effective depth; the measured speed ratio is taken across runs by the analysis.
+Expert-choice MoR decodes with its causal rule; with random weights its thresholds are first
+calibrated to the trained capacities (and sampling, `temperature`, keeps the token stream close to
+the calibration data).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import resource
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from models import build_model
+from models import ConfigError, ModelConfig, build_model
+from models import flops as flops_lib
+from models.recursive import schedule
 
 from . import records
 from .config import model_config_from
+from .engine import Request, make_engine
 from .train import autocast_for
 
 log = logging.getLogger("mor.bench")
@@ -43,7 +57,11 @@ def load_bench_model(cfg: DictConfig, run_dir: Path | None, device: torch.device
     return model, "random"
 
 
+BOS = 0  # prompt-free generation starts every request from this one token
+
+
 def gen_lengths(bcfg, seed: int, max_len: int) -> list[int]:
+    """Generated tokens per request ~ Normal(gen_len_mean, gen_len_std), clipped to [1, context]."""
     g = torch.Generator().manual_seed(seed)
     lens = torch.normal(
         float(bcfg.gen_len_mean), float(max(bcfg.gen_len_std, 0)), (bcfg.num_requests,), generator=g
@@ -51,37 +69,164 @@ def gen_lengths(bcfg, seed: int, max_len: int) -> list[int]:
     return [int(x) for x in lens.round().clamp(1, max_len - 1 - bcfg.prompt_len)]
 
 
+def vanilla_config(cfg: ModelConfig) -> ModelConfig:
+    """The vanilla Transformer a model is compared with: same shapes, its effective depth (the paper
+    compares MoR-4, 1 + 8x4 + 1 layers, with a 34-layer vanilla)."""
+    return replace(
+        cfg, family="vanilla", n_layers=len(schedule(cfg)), num_recursions=1, kv="cache", block_layers=None
+    )
+
+
+def _decode_context(lengths: list[int], prompt: int) -> float:
+    """Mean number of keys a decoded token attends to (fed token at position p sees p + 1)."""
+    fed = [prompt + n - 1 for n in lengths]
+    return sum(t * (t + 1) / 2 for t in fed) / max(1, sum(fed))
+
+
+def memory_fit(core, bcfg, elem: int, max_len: int) -> dict:
+    """Largest decode batch within bench.memory_budget_gb: parameter bytes + analytic KV bytes per
+    sequence at the static cache length (hidden states omitted, as in the paper)."""
+    budget = bcfg.memory_budget_gb * 2**30
+
+    def fit(params: float, kv_tok: float) -> tuple[int, float, float]:
+        per_seq = kv_tok * max_len
+        return int((budget - params) // per_seq) if budget > params else 0, params, per_seq
+
+    b, params, per_seq = fit(
+        core.num_params(unique=True, embedding=True) * elem, core.kv_bytes_per_token(elem)
+    )
+    vcfg = vanilla_config(core.cfg)
+    with torch.device("meta"):
+        vparams = build_model(vcfg).num_params(unique=True, embedding=True) * elem
+    bv, _, _ = fit(vparams, flops_lib.kv_bytes_per_token(vcfg, elem, [1.0]))
+    return {"fit": b, "fit_vanilla": bv, "param_bytes": params, "kv_bytes_per_seq": per_seq, "budget": budget}
+
+
+def check_batches(bcfg, mem: dict) -> None:
+    """A requested batch that cannot fit is a user error: say so before any decoding."""
+    for bs in bcfg.batch_sizes:
+        need = mem["param_bytes"] + bs * mem["kv_bytes_per_seq"]
+        if need > mem["budget"]:
+            raise ConfigError(
+                f"bench.batch_sizes: batch {bs} needs {need / 2**30:.2f} GiB (parameters "
+                f"{mem['param_bytes'] / 2**30:.2f} GiB + KV {mem['kv_bytes_per_seq'] / 2**20:.1f} MiB per "
+                f"sequence) > bench.memory_budget_gb={bcfg.memory_budget_gb}; the largest that fits: "
+                f"{mem['fit']}"
+            )
+
+
+def max_batch_size(bcfg, mem: dict) -> int:
+    if bcfg.max_batch_rule == "fit":
+        return mem["fit"]
+    if bcfg.max_batch_rule == "relative":  # paper: 32 x (max batch of the model / of vanilla)
+        return max(1, round(bcfg.batch_sizes[0] * mem["fit"] / max(1, mem["fit_vanilla"])))
+    raise ConfigError(f"bench.max_batch_rule={bcfg.max_batch_rule!r} is invalid: allowed fit, relative")
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"  # Linux: KiB
+
+
 @torch.no_grad()
-def decode_probe(model, bcfg, batch_size: int, lengths: list[int], device, autocast) -> dict:
-    """Serve the requests in FIFO batches; returns throughput, latency and KV measurements."""
-    bos = 0
-    n_tok = steps = 0
-    kv_used = 0
-    t_total = 0.0
-    for start in range(0, len(lengths), batch_size):
-        chunk = lengths[start : start + batch_size]
-        B, L = len(chunk), max(chunk)
-        cache = model.make_cache(B, bcfg.prompt_len + 1 + L)
-        ids = torch.full((B, 1 + bcfg.prompt_len), bos, dtype=torch.long, device=device)
-        _sync(device)
-        t0 = time.perf_counter()
-        with autocast:
-            logits = model(ids, cache=cache).logits[:, -1]
-            for _ in range(L):
-                nxt = logits.argmax(-1, keepdim=True)
-                logits = model(nxt, cache=cache).logits[:, -1]
-        _sync(device)
-        t_total += time.perf_counter() - t0
-        n_tok += sum(chunk)
-        steps += L
-        kv_used += int(cache.bytes_used().sum()) / max(1, cache.seen * B)
-    n_batches = -(-len(lengths) // batch_size)
-    return {
-        "tokens_per_s": n_tok / t_total,
-        "ms_per_step": 1000 * t_total / max(steps, 1),
+def decode_probe(model, bcfg, batch_size: int, lengths: list[int], device, seed: int = 0) -> dict:
+    """Serve `lengths` prompt-free requests through the decode engine; throughput, memory, routing.
+
+    Vanilla/recursive: continuous sequence-wise batching over `batch_size` rows. MoR: continuous
+    depth-wise batching, `batch_size` items per shared-block pass, `seq_slots_factor x batch_size`
+    sequences in flight, exits flushed through the last layer/head at `flush_frac x batch_size`."""
+    prompt = [BOS] * (1 + bcfg.prompt_len)
+    max_len = len(prompt) + max(lengths) - 1
+    kw = {}
+    if hasattr(model, "router"):
+        kw = {
+            "seq_slots": max(batch_size, round(bcfg.seq_slots_factor * batch_size)),
+            "flush_at": max(1, round(bcfg.flush_frac * batch_size)),
+        }
+    engine = make_engine(
+        model, batch_size, max_len, temperature=bcfg.temperature, seed=seed, compile=bcfg.compile, **kw
+    )
+    slots = kw.get("seq_slots", batch_size)
+    if bcfg.warmup > 0:  # untimed: `warmup` decode steps on every slot (allocations, compilation)
+        engine.run([Request(prompt, min(bcfg.warmup, max(lengths))) for _ in range(slots)])
+    reqs = [Request(prompt, n) for n in lengths]
+    _sync(device)
+    _reset_peak(device)
+    t0 = time.perf_counter()
+    results = engine.run(reqs)
+    _sync(device)
+    dt = time.perf_counter() - t0
+    peak, peak_kind = _peak(device)
+    st = engine.stats
+    n_tok = sum(lengths)
+    lat = sorted(r.stats["latency_s"] for r in results)
+    row = {
+        "tokens_per_s": n_tok / dt,
+        "ms_per_step": 1000 * dt / max(1, st["steps"]),
+        "elapsed_s": dt,
+        "steps": st["steps"],
         "generated_tokens": n_tok,
-        "kv_bytes_per_token": kv_used / n_batches,
+        "num_requests": len(reqs),
+        "gen_len_mean_measured": n_tok / len(reqs),
+        "latency_s_p50": lat[len(lat) // 2],
+        "max_len": max_len,
+        "temperature": bcfg.temperature,
+        "kv_bytes_per_token": st["kv_bytes_per_token"],  # measured: cache entries actually written
+        "kv_bytes_allocated": engine.kv_bytes_allocated(),  # the static buffers (full length per recursion)
+        "engine_extra_weight_bytes": engine.extra_weight_bytes(),  # fused Q/K/V, gate/up copies (CPU)
+        "peak_mem_bytes": peak,
+        "peak_mem_kind": peak_kind,
+        "engine": type(engine).__name__,
+        "attention": engine.attention,
     }
+    if "depth_counts" in st:
+        counts = st["depth_counts"]
+        total = max(1, sum(counts))
+        row.update(
+            depth_hist=[c / total for c in counts],  # share of tokens by exit depth 0..N_r
+            depth_fractions=[sum(counts[r + 1 :]) / total for r in range(len(counts) - 1)],
+            seq_slots=st["seq_slots"],
+            flush_at=st["flush_at"],
+            block_steps=st["block_steps"],
+            edge_steps=st["edge_steps"],
+            mean_block_items=st["block_items"] / max(1, st["block_steps"]),
+            mean_edge_exits=st["edge_exits"] / max(1, st["edge_steps"]),
+        )
+    return row
+
+
+def decode_accounting(core, row: dict, elem: int, ctx: float) -> dict:
+    """Analytic KV bytes and forward FLOPs per token next to the measurements, and the FLOP ratio
+    to the vanilla model of the same size (its measured speed ratio comes from its own rows)."""
+    design = core.depth_fractions()
+    fractions = row.get("depth_fractions") or design
+    vcfg = vanilla_config(core.cfg)
+    out = {
+        "kv_bytes_per_token_analytic": core.kv_bytes_per_token(elem),
+        "kv_bytes_per_token_analytic_at_depths": core.kv_bytes_per_token(elem, fractions),
+        "decode_context": ctx,
+    }
+    for conv in ("exact", "paper"):
+        sfx = "" if conv == "exact" else "_paper"
+        f_run = core.flops_per_token(round(ctx), conv, fractions).forward
+        f_design = core.flops_per_token(round(ctx), conv, design).forward
+        f_van = flops_lib.flops_per_token(vcfg, round(ctx), conv, [1.0]).forward
+        out.update(
+            {
+                f"flops_per_token_decode{sfx}": f_run,
+                f"flops_per_token_decode_vanilla{sfx}": f_van,
+                f"flop_ratio_vs_vanilla{sfx}": f_run / f_van,  # at the depths tokens reached
+                f"flop_ratio_vs_vanilla_design{sfx}": f_design / f_van,  # at the router's capacities
+            }
+        )
+    out["flop_speedup_vs_vanilla"] = 1 / out["flop_ratio_vs_vanilla"]
+    return out
 
 
 def train_probe(model, cfg: DictConfig, device, autocast) -> dict:
@@ -132,16 +277,32 @@ def run_bench(cfg: DictConfig, run_dir: Path | None) -> list[dict]:
         if probe == "decode":
             lengths = gen_lengths(bcfg, cfg.seed, core.cfg.max_seq_len)
             elem = 2 if base["dtype"] == "bf16" else 4
-            for bs in bcfg.batch_sizes:
-                decode_probe(model, bcfg, bs, lengths[: bs * bcfg.warmup], device, autocast)  # warm-up
-                res = decode_probe(model, bcfg, bs, lengths, device, autocast)
+            dec = core
+            if base["dtype"] == "bf16" and next(core.parameters()).dtype != torch.bfloat16:
+                dec = copy.deepcopy(core).to(torch.bfloat16)  # the engine decodes in the weights' dtype
+            max_len = 1 + bcfg.prompt_len + max(lengths) - 1
+            mem = memory_fit(core, bcfg, elem, max_len)
+            check_batches(bcfg, mem)
+            batches = [(bs, "fixed") for bs in bcfg.batch_sizes]
+            if bcfg.max_batch:
+                b_max = max_batch_size(bcfg, mem)
+                # a batch beyond the queue would only allocate idle rows
+                batches.append((max(1, min(b_max, len(lengths))), "max"))
+            ctx = _decode_context(lengths, 1 + bcfg.prompt_len)
+            for bs, kind in batches:
+                res = decode_probe(dec, bcfg, bs, lengths, device, seed=cfg.seed)
                 rows.append(
                     {
                         **base,
                         "probe": "decode",
                         "batch_size": bs,
+                        "batch_kind": kind,
                         **res,
-                        "kv_bytes_per_token_analytic": core.kv_bytes_per_token(elem),
+                        **decode_accounting(core, res, elem, ctx),
+                        "max_batch_rule": bcfg.max_batch_rule,
+                        "max_batch_fit": mem["fit"],
+                        "max_batch_fit_vanilla": mem["fit_vanilla"],
+                        "memory_budget_gb": bcfg.memory_budget_gb,
                     }
                 )
         elif probe == "train":
@@ -152,8 +313,6 @@ def run_bench(cfg: DictConfig, run_dir: Path | None) -> list[dict]:
             kv = core.kv_bytes_per_token(elem) * core.cfg.max_seq_len
             rows.append({**base, "probe": "memory", "param_bytes": params_b, "kv_bytes_per_seq": kv})
         else:
-            from models import ConfigError
-
             raise ConfigError(f"bench.probes contains {probe!r}: allowed decode, train, memory")
     if run_dir is not None:
         for r in rows:

@@ -1,0 +1,791 @@
+"""Decode engine: static-size KV caches and continuous batching for every family.
+
+    engine = make_engine(model, batch_size=32, max_len=512)
+    results = engine.run([Request([0], 256), ...])      # FIFO; results in request order
+
+Vanilla and recursive models: **continuous sequence-wise batching**. `batch_size` rows decode one
+token each per step; a row whose request is done is refilled at once from the queue (its cache row
+is simply reused from column 0: masks come from host-side lengths, so nothing is cleared), while
+the other rows go on at their own positions.
+
+MoR: **continuous depth-wise batching**. An *item* is the in-flight token of a sequence at its
+current recursion depth r. Each engine step
+
+1. *edge stage*: items that finished their recursions accumulate (FIFO) until `flush_at` of them
+   wait (paper: "accumulated up to the maximum batch size"), or until nothing else can run; then
+   they go together through the last unique layer(s), the LM head, sampling, the next token's
+   embedding and the first unique layer(s). Rows whose request is done are refilled from the
+   request queue in the same stage. The new items get their recursion-0 router decision here.
+2. *block stage*: up to `batch_size` items, of different sequences and different depths, go
+   through the shared block together. Items are sorted by depth so per-depth work (router scorers,
+   K/V projections under KV sharing) runs on contiguous slices. After the block, the router scores
+   recursion r+1 (expert-choice, causal rule: the token continues while its score is above the
+   recursion's threshold; hierarchical: the first failure ends it) or the depth chosen up front
+   decides (token-choice). An item that stops leaves the block; its place goes to the next waiting
+   item (FIFO).
+3. one host sync: the routing decisions come back (they schedule the next step). Token ids stay on
+   the device until the end of `run()`.
+
+Cache layout. Every attention buffer is `[rows, n_kv, max_len, head_dim]`, allocated once. The
+unique first/last layers have one row per sequence slot (every token is cached at its position).
+Shared-block layer j has one buffer stacking all recursions: row `r * seq_slots + s` holds the
+tokens of sequence slot s that were active at recursion r (recursion-wise caching), each written at
+that row's own length; under recursive KV sharing only the recursion-0 stack exists and later
+recursions read it without projecting K/V. The host knows every length, so masks are
+`arange(L) < count` with L the step's longest (a Python int: caches are sliced to the active bound).
+Keys carry RoPE of their absolute positions, so a compacted recursion cache needs no position table.
+
+Reading (row, recursion) caches of a batch of items, per recursion segment of the step (`_seg`):
+*identity* (the items are exactly the rows of that stack, in order: read in place), *slab* (at
+least half of the stack's rows are items: attend over the whole stack in place with zero queries
+on the other rows and drop their outputs), or *gather* (copy just the items' rows). No loop over
+tokens; the only Python loops in a step are over layers and (at most N_r) recursion segments.
+
+On CPU the engine fuses Q/K/V and gate/up weights (a copy) and computes q-length-1 attention as two
+matmuls; on GPU it uses SDPA and the model's own weights (`fuse`, `attention`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models import ConfigError
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]  # at least one token (prompt-free generation: [BOS])
+    max_new_tokens: int
+
+
+@dataclass
+class Result:
+    tokens: list[int]  # generated ids
+    stats: dict = field(default_factory=dict)  # per-request: steps, latency, depth histogram, KV bytes
+    logits: Tensor | None = None  # [max_new_tokens, vocab] when run(keep_logits=True)
+
+
+def make_engine(model, batch_size: int, max_len: int, **kw) -> DecodeEngine:
+    """The engine for the model's family: depth-wise for MoR, sequence-wise otherwise."""
+    if hasattr(model, "router"):
+        return DepthWiseEngine(model, batch_size, max_len, **kw)
+    kw.pop("seq_slots", None)
+    kw.pop("flush_at", None)
+    return SequenceEngine(model, batch_size, max_len, **kw)
+
+
+# -- one layer for single-token items --------------------------------------------------------------
+
+
+class _Pack:
+    """Host int arrays gathered into one device tensor: one host-to-device copy per stage."""
+
+    def __init__(self):
+        self.parts: list[np.ndarray] = []
+
+    def put(self, arr) -> int:
+        self.parts.append(np.asarray(arr, dtype=np.int64).reshape(-1))
+        return len(self.parts) - 1
+
+    def upload(self, device) -> list[Tensor]:
+        sizes = [len(a) for a in self.parts]
+        flat = torch.tensor(np.concatenate(self.parts), dtype=torch.long, device=device)
+        return list(torch.split(flat, sizes))
+
+
+@dataclass
+class _Seg:
+    """Items [a:b] of a step read keys from buffer rows [lo:hi] (first L columns).
+
+    identity (sidx and gather None): the items are rows lo..hi-1 in order, read in place;
+    slab (sidx): item i sits at slab row sidx[i]; the whole slab is attended in place (no copy) with
+        zero queries on the other rows (their outputs are dropped);
+    gather: item i reads absolute row gather[i] (a copy of just those rows).
+    `_i` holds packed-array slots until `resolve()` turns them into tensors."""
+
+    a: int
+    b: int
+    lo: int
+    hi: int
+    L: int
+    sidx: Tensor | None = None
+    gather: Tensor | None = None
+    mask: Tensor | None = None
+    _i: tuple = ()
+
+    def resolve(self, parts: list[Tensor], bias_dtype: torch.dtype | None = None) -> None:
+        """Packed slots -> tensors; the mask as bool, or as an additive bias of `bias_dtype`."""
+        kind, idx, cnt = self._i
+        if kind == "slab":
+            self.sidx = parts[idx]
+        elif kind == "gather":
+            self.gather = parts[idx]
+        count = parts[cnt]
+        keep = (torch.arange(self.L, device=count.device) < count[:, None]).view(-1, 1, 1, self.L)
+        if bias_dtype is None:
+            self.mask = keep
+        else:
+            zero = torch.zeros((), dtype=bias_dtype, device=count.device)
+            self.mask = zero.masked_fill(~keep, float("-inf"))
+
+
+def _seg(pack: _Pack, a: int, b: int, lo: int, slab: int, rows: np.ndarray, counts: np.ndarray) -> _Seg:
+    """Plan how items [a:b] (slab rows `rows`, keys `counts`) read buffer rows [lo:lo+slab]."""
+    n, L = b - a, int(counts.max())
+    seg = _Seg(a, b, lo, lo + slab, L)
+    if n == slab and (rows == np.arange(slab)).all():
+        seg._i = ("identity", -1, pack.put(counts))
+    elif 2 * n >= slab:  # reading the whole slab in place beats copying half of it (measured, CPU)
+        full = np.ones(slab, dtype=np.int64)
+        full[rows] = counts
+        seg._i = ("slab", pack.put(rows), pack.put(full))
+    else:
+        seg._i = ("gather", pack.put(rows + lo), pack.put(counts))
+    return seg
+
+
+class FastLayer:
+    """A Block's weights arranged for single-token decoding: Q/K/V and gate/up projections fused
+    into one matrix each when `fuse` (a copy of those weights; fewer, larger matmuls)."""
+
+    def __init__(self, layer, fuse: bool):
+        a, mlp = layer.self_attn, layer.mlp
+        self.H, self.kvh, self.hd = a.n_heads, a.n_kv, a.hd
+        self.n1, self.n2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.wo, self.wd = a.o_proj.weight, mlp.down_proj.weight
+        self.fused = fuse
+        if fuse:
+            self.wqkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
+            self.wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+            nq, nk = self.H * self.hd, self.kvh * self.hd
+            self.wq = self.wqkv[:nq]  # row slices are views: partial projections under KV sharing
+            self.wk, self.wv = self.wqkv[nq : nq + nk], self.wqkv[nq + nk :]
+        else:
+            self.wq, self.wk, self.wv = a.q_proj.weight, a.k_proj.weight, a.v_proj.weight
+            self.wg, self.wu = mlp.gate_proj.weight, mlp.up_proj.weight
+
+    def extra_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.wqkv, self.wgu)) if self.fused else 0
+
+    @staticmethod
+    def norm(m, x: Tensor) -> Tensor:
+        """models.layers.RMSNorm; in fp32 as one fused kernel (same math, last-bit rounding aside)."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), m.weight, m.eps)
+        return m(x)
+
+    def mlp(self, h: Tensor) -> Tensor:
+        if self.fused:
+            g, u = F.linear(h, self.wgu).chunk(2, -1)
+        else:
+            g, u = F.linear(h, self.wg), F.linear(h, self.wu)
+        return F.linear(F.silu(g) * u, self.wd)
+
+
+def rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """models.layers.apply_rope, bit-identical, in 4 kernels: rotate_half(x) * sin equals
+    roll(x, hd/2) * sin_signed with sin_signed = cat(-sin[:hd/2], sin[hd/2:])."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+
+
+def decode_layer(
+    fl: FastLayer,
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    kb: Tensor,
+    vb: Tensor,
+    widx: Tensor,
+    n_proj: int,
+    segs: list[_Seg],
+) -> Tensor:
+    """Block.forward for n single-token items x [n, d] (same weights and math as models.layers).
+
+    The first `n_proj` items project K/V and write them at flat (row, kv head, column) indices
+    `widx` of kb/vb viewed as [-1, head_dim] (the others reuse shared K/V: no projection);
+    attention reads per `segs`. cos/sin: RoPE of each item's position, [n, 1, head_dim] (sin
+    signed as `rope()` wants it)."""
+    n, H, kvh, hd = x.shape[0], fl.H, fl.kvh, fl.hd
+    h = fl.norm(fl.n1, x)
+    if n_proj == n and fl.fused:
+        qkv = F.linear(h, fl.wqkv).view(n, H + 2 * kvh, hd)
+        qk = rope(qkv[:, : H + kvh], cos, sin)
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + kvh :]
+    else:
+        q = rope(F.linear(h, fl.wq).view(n, H, hd), cos, sin)
+        if n_proj:
+            hp = h[:n_proj]
+            k = rope(F.linear(hp, fl.wk).view(n_proj, kvh, hd), cos[:n_proj], sin[:n_proj])
+            v = F.linear(hp, fl.wv).view(n_proj, kvh, hd)
+    if n_proj:
+        kb.view(-1, hd).index_copy_(0, widx, k.reshape(-1, hd).to(kb.dtype))
+        vb.view(-1, hd).index_copy_(0, widx, v.reshape(-1, hd).to(vb.dtype))
+    q = q.unsqueeze(2)  # [n, H, 1, hd]
+    outs = []
+    for sg in segs:
+        qs = q if len(segs) == 1 else q[sg.a : sg.b]
+        if sg.gather is not None:
+            ks = kb[:, :, : sg.L].index_select(0, sg.gather)  # (faster than kb[rows, :, :L])
+            vs = vb[:, :, : sg.L].index_select(0, sg.gather)
+        else:
+            ks, vs = kb[sg.lo : sg.hi, :, : sg.L], vb[sg.lo : sg.hi, :, : sg.L]
+            if sg.sidx is not None:
+                qs = q.new_zeros(sg.hi - sg.lo, H, 1, hd).index_copy_(0, sg.sidx, qs)
+        if sg.mask.dtype == torch.bool:  # fused kernel (GPU)
+            o = F.scaled_dot_product_attention(
+                qs, ks.to(q.dtype), vs.to(q.dtype), attn_mask=sg.mask, enable_gqa=kvh != H
+            )
+        else:  # q-length-1 attention as two batched matmuls: ~20% faster than SDPA on CPU
+            m = qs.shape[0]
+            sc = torch.matmul(qs.view(m, kvh, H // kvh, hd), ks.to(q.dtype).transpose(-1, -2))
+            sc = sc.mul_(hd**-0.5).add_(sg.mask)
+            o = torch.matmul(torch.softmax(sc, -1), vs.to(q.dtype)).view(m, H, 1, hd)
+        outs.append(o if sg.sidx is None else o.index_select(0, sg.sidx))
+    o = outs[0] if len(outs) == 1 else torch.cat(outs)
+    x = x + F.linear(o.reshape(n, H * hd), fl.wo)
+    return x + fl.mlp(fl.norm(fl.n2, x))
+
+
+# -- common machinery ----------------------------------------------------------------------------
+
+
+class DecodeEngine:
+    """Base: buffers, sampling, request bookkeeping. Subclasses implement `_serve`."""
+
+    def __init__(
+        self,
+        model,
+        batch_size: int,
+        max_len: int,
+        temperature: float = 0.0,
+        seed: int = 0,
+        fuse: bool | None = None,
+        attention: str = "auto",
+        compile: bool = False,
+    ):
+        if batch_size < 1:
+            raise ConfigError(f"batch_size={batch_size} must be >= 1")
+        if max_len > model.cfg.max_seq_len:
+            raise ConfigError(f"decode max_len={max_len} exceeds model.max_seq_len={model.cfg.max_seq_len}")
+        if temperature < 0:
+            raise ConfigError(f"temperature={temperature} must be >= 0 (0: greedy)")
+        self.model = model.eval()
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype  # caches in the weights' dtype
+        self.cfg = model.cfg
+        self.B, self.max_len = batch_size, max_len
+        self.temperature, self.seed = temperature, seed
+        self.layer_fn = torch.compile(decode_layer, dynamic=True) if compile else decode_layer
+        cos, sin = model.rotary.cos.to(self.dtype), model.rotary.sin.to(self.dtype)
+        half = sin.shape[-1] // 2
+        self.cos, self.sin = cos, torch.cat([-sin[:, :half], sin[:, half:]], -1)
+        # fused Q/K/V and gate/up matrices cut per-call overhead (default on CPU; on GPU they would
+        # add a weight copy to the measured memory for little gain)
+        self.fuse = self.device.type == "cpu" if fuse is None else fuse
+        self.fast = {id(m): FastLayer(m, self.fuse) for m in model.layers}
+        if attention not in ("auto", "sdpa", "matmul"):
+            raise ConfigError(f"attention={attention!r} is invalid: allowed auto, sdpa, matmul")
+        if attention == "auto":  # SDPA's fused kernels on GPU; plain matmuls win for q-length 1 on CPU
+            attention = "sdpa" if self.device.type == "cuda" else "matmul"
+        self.attention = attention
+        self.bias_dtype = None if attention == "sdpa" else self.dtype
+        self.stats: dict = {}
+
+    def _buf(self, rows: int) -> tuple[Tensor, Tensor]:
+        shape = (rows, self.cfg.n_kv_heads, self.max_len, self.cfg.head_dim)
+        z = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return z(), z()
+
+    @property
+    def entry_bytes(self) -> int:
+        """K+V bytes of one cached token in one attention buffer."""
+        return 2 * self.cfg.n_kv_heads * self.cfg.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    def kv_bytes_allocated(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.buffers for t in pair)
+
+    def extra_weight_bytes(self) -> int:
+        return sum(f.extra_bytes() for f in self.fast.values())
+
+    def _widx(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Flat [-1, head_dim] indices of (row, every kv head, col) in a [rows, n_kv, max_len, hd] buffer."""
+        kvh = self.cfg.n_kv_heads
+        return ((rows[:, None] * kvh + np.arange(kvh)) * self.max_len + cols[:, None]).reshape(-1)
+
+    def _rope(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        hd = self.cos.shape[-1]
+        return self.cos[pos].view(-1, 1, hd), self.sin[pos].view(-1, 1, hd)
+
+    def _sample(self, logits: Tensor) -> Tensor:
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        # inverse-CDF sampling: one uniform per row (torch.multinomial is ~10x slower on CPU)
+        cdf = torch.softmax(logits.float() / self.temperature, -1).cumsum_(-1)
+        u = torch.rand(cdf.shape[0], 1, generator=self.gen, device=cdf.device) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max_(cdf.shape[-1] - 1)
+
+    def _emit(self, logits: Tensor, req: Tensor, k: Tensor) -> Tensor:
+        """Sample, and record token k of each request (steps that generate nothing write the dummy row)."""
+        tok = self._sample(logits)
+        self.out.index_put_((req, k), tok)
+        if self.keep_logits:
+            self.logits_out.index_put_((req, k), logits.double())
+        return tok
+
+    @torch.no_grad()
+    def run(self, requests: list[Request], keep_logits: bool = False) -> list[Result]:
+        """Serve `requests` FIFO; returns one Result per request, in request order.
+
+        keep_logits: also return each generated position's logits (Result.logits, [new, vocab]; tests)."""
+        for i, r in enumerate(requests):
+            if len(r.prompt_ids) < 1 or r.max_new_tokens < 1:
+                raise ConfigError(f"request {i}: needs >= 1 prompt token and max_new_tokens >= 1")
+            need = len(r.prompt_ids) + r.max_new_tokens - 1
+            if need > self.max_len:
+                raise ConfigError(
+                    f"request {i} needs {need} cached tokens (prompt {len(r.prompt_ids)} + "
+                    f"{r.max_new_tokens} new - 1) > engine max_len={self.max_len}"
+                )
+        self.gen = torch.Generator(device=self.device).manual_seed(self.seed)
+        n_new = max((r.max_new_tokens for r in requests), default=1)
+        # one extra (dummy) row takes the writes of steps that generate nothing (prompt tokens)
+        self.out = torch.full((len(requests) + 1, n_new), -1, dtype=torch.long, device=self.device)
+        self.keep_logits = keep_logits
+        if keep_logits:
+            shape = (len(requests) + 1, n_new, self.cfg.vocab_size)
+            self.logits_out = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        self.reqs = requests
+        self.req_stats = [dict() for _ in requests]
+        self.stats = {"steps": 0, "tokens_fed": 0, "tokens_generated": 0, "kv_bytes_used": 0}
+        t0 = time.perf_counter()
+        self._serve()
+        out = self.out.tolist()
+        self.stats["wall_s"] = time.perf_counter() - t0
+        self.stats["kv_bytes_per_token"] = self.stats["kv_bytes_used"] / max(1, self.stats["tokens_fed"])
+        return [
+            Result(
+                tokens=out[i][: r.max_new_tokens],
+                stats=self.req_stats[i],
+                logits=self.logits_out[i, : r.max_new_tokens].cpu() if keep_logits else None,
+            )
+            for i, r in enumerate(requests)
+        ]
+
+    def _finish(self, i: int, fed: int, kv_entries: int, extra: dict | None = None) -> None:
+        """Book-keeping when request i is done: fed tokens, cache entries it held."""
+        kv = kv_entries * self.entry_bytes
+        self.stats["kv_bytes_used"] += kv
+        st = self.req_stats[i]
+        st.update(
+            finished_step=self.stats["steps"],
+            latency_s=time.perf_counter() - st["t_admit"],
+            tokens_fed=fed,
+            kv_bytes_per_token=kv / fed,
+            **(extra or {}),
+        )
+        st.pop("t_admit")
+
+    def _admit(self, i: int) -> None:
+        self.req_stats[i].update(admitted_step=self.stats["steps"], t_admit=time.perf_counter())
+
+    def _serve(self) -> None:
+        raise NotImplementedError
+
+
+# -- vanilla and recursive: continuous sequence-wise batching ------------------------------------
+
+
+class SequenceEngine(DecodeEngine):
+    """Every token visits every effective layer; rows are refilled as soon as their request ends."""
+
+    def __init__(self, model, batch_size: int, max_len: int, **kw):
+        super().__init__(model, batch_size, max_len, **kw)
+        plan = model.plan
+        self.slots = [
+            (self.fast[id(model.layers[model.schedule[s]])], src, src == s)
+            for s, src in enumerate(plan.source)
+        ]
+        owners = sorted(set(plan.source))
+        self.buffers = [self._buf(batch_size) for _ in owners]
+        self.buf_of = {s: self.buffers[i] for i, s in enumerate(owners)}
+        self.last = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+
+    def _serve(self) -> None:
+        B, reqs, st = self.B, self.reqs, self.stats
+        plen = np.array([len(r.prompt_ids) for r in reqs], dtype=np.int64)
+        max_new = np.array([r.max_new_tokens for r in reqs], dtype=np.int64)
+        waiting = deque(range(len(reqs)))
+        req = np.full(B, -1)
+        fed = np.zeros(B, dtype=np.int64)  # tokens fed so far = position of the next one
+        ngen = np.zeros(B, dtype=np.int64)
+        n_own = len(self.buffers)
+
+        def admit(row: int) -> None:
+            if waiting:
+                req[row] = waiting.popleft()
+                fed[row] = ngen[row] = 0
+                self._admit(int(req[row]))
+            else:
+                req[row] = -1
+
+        for row in range(B):
+            admit(row)
+        while (req >= 0).any():
+            rows = np.flatnonzero(req >= 0)
+            n = len(rows)
+            ri = req[rows]
+            pos = fed[rows]
+            in_prompt = pos < plen[ri]
+            ptok = np.zeros(n, dtype=np.int64)
+            for k in np.flatnonzero(in_prompt).tolist():
+                ptok[k] = reqs[ri[k]].prompt_ids[pos[k]]
+            produces = pos >= plen[ri] - 1  # this step's output is a generated token
+            pack = _Pack()
+            ix = [pack.put(v) for v in (rows, pos, ptok, in_prompt)]
+            ix.append(pack.put(np.where(produces, ri, len(reqs))))  # others: dummy row
+            ix.append(pack.put(np.where(produces, ngen[rows], 0)))
+            ix.append(pack.put(self._widx(rows, pos)))
+            seg = _seg(pack, 0, n, 0, B, rows, pos + 1)
+            parts = pack.upload(self.device)
+            rows_t, pos_t, ptok_t, inp_t, oreq_t, ok_t, widx = (parts[i] for i in ix)
+            seg.resolve(parts, self.bias_dtype)
+            cos, sin = self._rope(pos_t)
+            x = self.model.embed_tokens(torch.where(inp_t.bool(), ptok_t, self.last[rows_t]))
+            for layer, src, project in self.slots:
+                kb, vb = self.buf_of[src]
+                x = self.layer_fn(layer, x, cos, sin, kb, vb, widx, n if project else 0, [seg])
+            tok = self._emit(self.model.logits(self.model.norm(x)), oreq_t, ok_t)
+            self.last.index_copy_(0, rows_t, tok)
+            # host: advance, finish, refill
+            st["steps"] += 1
+            st["tokens_fed"] += n
+            st["tokens_generated"] += int(produces.sum())
+            fed[rows] += 1
+            ngen[rows] += produces
+            for row in rows[produces & (ngen[rows] == max_new[ri])].tolist():
+                self._finish(int(req[row]), int(fed[row]), int(fed[row]) * n_own)
+                admit(row)
+        st["batch_size"] = B
+
+
+# -- MoR: continuous depth-wise batching -----------------------------------------------------------
+
+
+class DepthWiseEngine(DecodeEngine):
+    """See the module docstring. `seq_slots` sequences are in flight (KV rows; default batch_size),
+    the block takes up to `batch_size` items per step, and finished items are flushed through the
+    last layer/head/embedding/first layer once `flush_at` (default batch_size) have accumulated."""
+
+    def __init__(
+        self,
+        model,
+        batch_size: int,
+        max_len: int,
+        seq_slots: int | None = None,
+        flush_at: int | None = None,
+        **kw,
+    ):
+        super().__init__(model, batch_size, max_len, **kw)
+        from models.routers.expert_choice import CAUSAL_RULES, ExpertChoiceRouter
+
+        if not model.causal:
+            raise ConfigError(
+                "model.router.inference=topk is non-causal and cannot decode; "
+                f"use one of {', '.join(CAUSAL_RULES)}"
+            )
+        self.S = seq_slots or batch_size
+        if self.S < 1:
+            raise ConfigError(f"seq_slots={seq_slots} must be >= 1")
+        self.F = max(1, min(flush_at or batch_size, self.S))
+        self.router = model.router
+        self.expert = self.router.kind == "expert"
+        self.rule = self.router.active_rule() if self.expert else "token_choice"
+        self.N = self.cfg.num_recursions
+        self.share = self.cfg.kv == "share"
+        layers, sched = model.layers, model.schedule
+        self.pre = [self.fast[id(layers[sched[s]])] for s in model.slots_pre]
+        self.post = [self.fast[id(layers[sched[s]])] for s in model.slots_post]
+        self.block = [self.fast[id(layers[sched[s]])] for s in model.slots_rec[0]]
+        for r in range(self.N):  # cycle sharing: recursion r applies the same layers
+            assert [sched[s] for s in model.slots_rec[r]] == [sched[s] for s in model.slots_rec[0]]
+        self.R = 1 if self.share else self.N  # stacked recursion buffers per block layer
+        self.pre_buf = [self._buf(self.S) for _ in self.pre]
+        self.post_buf = [self._buf(self.S) for _ in self.post]
+        self.block_buf = [self._buf(self.R * self.S) for _ in self.block]
+        self.buffers = self.pre_buf + self.post_buf + self.block_buf
+        d = self.cfg.d_model
+        self.X = torch.zeros(self.S, d, dtype=self.dtype, device=self.device)  # in-flight hidden state
+        self.G = torch.zeros(self.S, dtype=self.dtype, device=self.device)  # gate of the next recursion
+        self.H1 = torch.zeros(self.S, d, dtype=self.dtype, device=self.device)  # token-choice: h_1
+        if self.expert:
+            thr = self.router.threshold.tolist()
+            # recursion r's decision is known without looking (threshold -inf: everyone continues)
+            self.known = [self.rule == "threshold" and math.isinf(t) and t < 0 for t in thr]
+        else:
+            self.known = [True] * self.N
+        self.known_np = np.array(self.known)
+        # the stock linear expert-choice scorers, stacked: all recursions' scores in one matmul
+        self.stacked = None
+        if (
+            self.expert
+            and self.rule == "threshold"
+            and type(self.router).score is ExpertChoiceRouter.score
+            and all(isinstance(sc, torch.nn.Linear) and sc.bias is None for sc in self.router.scorers)
+        ):
+            self.stacked = torch.cat([sc.weight for sc in self.router.scorers]).detach()
+
+    # -- device work ---------------------------------------------------------------------------------
+    def _decide(self, x: Tensor, r: int) -> tuple[Tensor, Tensor]:
+        """Expert-choice at recursion r on hidden states x [n, d]: (gate, continue?)."""
+        logits = self.router.score(x.unsqueeze(1), r).squeeze(1)
+        if self.rule == "aux_router":
+            go = self.router.aux_scorers[r](x).squeeze(-1) > 0
+        else:
+            go = logits > self.router.threshold[r]
+        return self.router.gate(logits).to(self.G.dtype), go
+
+    def _edge(self, a: list[Tensor], e: list[Tensor], seg_a: _Seg | None, seg_e: _Seg | None):
+        """Last layers + head + sampling for the exited rows a; embedding + first layers for rows e.
+
+        a = (rows, pos, out request, out index, write index), e = (rows, pos, token source, prompt
+        tokens, write index); the token source indexes cat(sampled tokens, prompt tokens). Returns
+        the entry decisions the host cannot know (None if it knows them)."""
+        m = self.model
+        toks = e[3]
+        na, ne = len(a[0]), len(e[0])
+        if na:
+            a_rows, a_pos = a[0], a[1]
+            x = self.X[a_rows]
+            if not self.expert:  # token-choice output: h_1 + g * Block^d(h_1)
+                x = self.H1[a_rows] + self.G[a_rows, None] * x
+            if self.post:
+                cos, sin = self._rope(a_pos)
+                for layer, (kb, vb) in zip(self.post, self.post_buf, strict=True):
+                    x = self.layer_fn(layer, x, cos, sin, kb, vb, a[4], na, [seg_a])
+            tok = self._emit(m.logits(m.norm(x)), a[2], a[3])
+            toks = torch.cat([tok, toks])
+        if not ne:
+            return None
+        e_rows, e_pos = e[0], e[1]
+        x = m.embed_tokens(toks[e[2]])
+        if self.pre:
+            cos, sin = self._rope(e_pos)
+            for layer, (kb, vb) in zip(self.pre, self.pre_buf, strict=True):
+                x = self.layer_fn(layer, x, cos, sin, kb, vb, e[4], ne, [seg_e])
+        self.X.index_copy_(0, e_rows, x)
+        if self.expert:
+            gate, go = self._decide(x, 0)
+            self.G.index_copy_(0, e_rows, gate)
+            return None if self.known[0] else go.long()
+        self.H1.index_copy_(0, e_rows, x)
+        choice, gate = self.router.plan(x.unsqueeze(1), {}, {})
+        self.G.index_copy_(0, e_rows, gate.squeeze(1).to(self.G.dtype))
+        return choice.squeeze(1)
+
+    def _block(self, t: list[Tensor], n_proj: int, segs: list[_Seg], depths: list[tuple[int, int, int]]):
+        """One pass of the shared block over the items (sorted by depth).
+
+        t = (rows, pos, write index, next recursion); depths: (r, a, b) item slices per recursion.
+        Expert-choice: scores the next recursion, stores its gate, and returns continue? per item
+        (None when the host knows every answer)."""
+        rows, pos = t[0], t[1]
+        x0 = self.X[rows]
+        cos, sin = self._rope(pos)
+        x = x0
+        for layer, (kb, vb) in zip(self.block, self.block_buf, strict=True):
+            x = self.layer_fn(layer, x, cos, sin, kb, vb, t[2], n_proj, segs)
+        if self.expert:
+            x = x0 + self.G[rows, None] * x
+        self.X.index_copy_(0, rows, x)
+        if not self.expert or all(self.known[r + 1] for r, _, _ in depths if r + 1 < self.N):
+            if self.expert:  # gates of the next recursion are still needed
+                self._next_gates(x, rows, t[3], depths)
+            return None
+        return self._next_gates(x, rows, t[3], depths)
+
+    def _next_gates(self, x: Tensor, rows: Tensor, nxt: Tensor, depths) -> Tensor:
+        """Expert-choice at each item's next recursion (last recursion: a placeholder, unused)."""
+        if self.stacked is not None:  # every scorer in one matmul, then each item's column
+            logits = F.linear(x, self.stacked).gather(1, nxt[:, None]).squeeze(1)
+            self.G.index_copy_(0, rows, self.router.gate(logits).to(self.G.dtype))
+            return (logits > self.router.threshold[nxt]).long()
+        out = []
+        for r, a, b in depths:  # per-depth scorer on the contiguous slice
+            gate, go = self._decide(x[a:b], min(r + 1, self.N - 1))
+            self.G.index_copy_(0, rows[a:b], gate)
+            out.append(go.long())
+        return torch.cat(out)
+
+    # -- scheduling (host) -----------------------------------------------------------------------------
+    def _serve(self) -> None:
+        S, B, N, reqs, st = self.S, self.B, self.N, self.reqs, self.stats
+        plen = np.array([len(r.prompt_ids) for r in reqs], dtype=np.int64)
+        max_new = np.array([r.max_new_tokens for r in reqs], dtype=np.int64)
+        waiting = deque(range(len(reqs)))
+        req = np.full(S, -1)
+        fed = np.zeros(S, dtype=np.int64)  # tokens fed (the in-flight one included)
+        ngen = np.zeros(S, dtype=np.int64)
+        depth = np.zeros(S, dtype=np.int64)  # recursions done by the in-flight token
+        tdepth = np.zeros(S, dtype=np.int64)  # token-choice: chosen depth
+        lens = np.zeros((self.R, S), dtype=np.int64)  # entries per (recursion stack, slot)
+        hist = np.zeros((S, N + 1), dtype=np.int64)  # per-row exit-depth counts of the current request
+        free = deque(range(S))
+        block: list[int] = []  # rows in the shared block
+        queue: deque[int] = deque()  # rows ready for the block
+        exits: deque[int] = deque()  # rows whose token finished its recursions
+        st.update(block_steps=0, edge_steps=0, block_items=0, edge_exits=0, edge_entries=0)
+        dcount = np.zeros(N + 1, dtype=np.int64)
+        n_pp = len(self.pre) + len(self.post)
+
+        def finish_row(row: int) -> None:
+            i = int(req[row])
+            f = int(fed[row])
+            entries = f * n_pp + int(lens[:, row].sum()) * len(self.block)
+            depth_hist = (hist[row] / max(1, hist[row].sum())).tolist()
+            self._finish(i, f, entries, {"depth_hist": depth_hist})
+            req[row] = -1
+            free.append(row)
+
+        def exit_row(row: int, d: int) -> None:
+            exits.append(row)
+            hist[row, d] += 1
+            dcount[d] += 1
+
+        while True:
+            # -- edge stage --------------------------------------------------------------------------
+            a: list[int] = []
+            if exits and (len(exits) >= self.F or not (block or queue)):
+                a = [exits.popleft() for _ in range(min(len(exits), B))]
+            a_arr = np.array(a, dtype=np.int64)
+            a_pos = fed[a_arr] - 1  # position (= index) of the token that just finished
+            ai = req[a_arr]
+            gen = a_pos >= plen[ai] - 1
+            out_req = np.where(gen, ai, len(reqs))  # prompt tokens write the dummy row
+            out_k = np.where(gen, ngen[a_arr], 0)
+            ngen[a_arr] += gen
+            st["tokens_generated"] += int(gen.sum())
+            done = ngen[a_arr] == max_new[ai]
+            for row in a_arr[done]:
+                finish_row(int(row))
+            go_on = ~done
+            e_rows = a_arr[go_on].tolist()
+            e_pos = (a_pos[go_on] + 1).tolist()
+            e_src = np.flatnonzero(go_on).tolist()  # the token just sampled ...
+            ptoks = []
+            for k in np.flatnonzero(a_pos[go_on] + 1 < plen[ai[go_on]]).tolist():  # ... or the prompt's
+                i = int(ai[go_on][k])
+                e_src[k] = len(a) + len(ptoks)
+                ptoks.append(reqs[i].prompt_ids[e_pos[k]])
+            fresh = []
+            while free and waiting:
+                row = free.popleft()
+                i = waiting.popleft()
+                req[row], fed[row], ngen[row] = i, 0, 0
+                lens[:, row] = 0
+                hist[row] = 0
+                self._admit(i)
+                fresh.append(row)
+                e_rows.append(row)
+                e_pos.append(0)
+                e_src.append(len(a) + len(ptoks))
+                ptoks.append(reqs[i].prompt_ids[0])
+            na, ne = len(a), len(e_rows)
+            entry = None
+            if na or ne:
+                pack = _Pack()
+                e_arr, e_pos = np.array(e_rows, dtype=np.int64), np.array(e_pos, dtype=np.int64)
+                ia = [pack.put(v) for v in (a_arr, a_pos, out_req, out_k, self._widx(a_arr, a_pos))]
+                ie = [pack.put(v) for v in (e_arr, e_pos, e_src, ptoks, self._widx(e_arr, e_pos))]
+                seg_a = _seg(pack, 0, na, 0, S, a_arr, a_pos + 1) if na and self.post else None
+                seg_e = _seg(pack, 0, ne, 0, S, e_arr, e_pos + 1) if ne and self.pre else None
+                parts = pack.upload(self.device)
+                for sg in (seg_a, seg_e):
+                    if sg is not None:
+                        sg.resolve(parts, self.bias_dtype)
+                entry = self._edge([parts[i] for i in ia], [parts[i] for i in ie], seg_a, seg_e)
+                st["edge_steps"] += 1
+                st["edge_exits"] += na
+                st["edge_entries"] += ne
+                for row in e_rows:
+                    fed[row] += 1
+                    depth[row] = 0
+                st["tokens_fed"] += ne
+                if entry is None or not self.expert:  # recursion 0 known to be taken: queue now
+                    queue.extend(e_rows)
+            # -- block stage -------------------------------------------------------------------------
+            while len(block) < B and queue:
+                block.append(queue.popleft())
+            dec = None
+            n = len(block)
+            if n:
+                items = np.array(block, dtype=np.int64)
+                items = items[np.lexsort((items, depth[items]))]  # by depth, then slot
+                r = depth[items]
+                n_proj = int((r == 0).sum()) if self.share else n
+                if self.share:
+                    col = lens[0, items]
+                    w_row = items
+                    count = col + (r == 0)
+                    lens[0, items[r == 0]] += 1
+                else:
+                    col = lens[r, items]
+                    w_row = r * S + items
+                    count = col + 1
+                    lens[r, items] += 1
+                bounds = np.flatnonzero(r[1:] != r[:-1]) + 1
+                starts, ends = [0, *bounds.tolist()], [*bounds.tolist(), n]
+                depths = [(int(r[i]), i, j) for i, j in zip(starts, ends)]
+                pack = _Pack()
+                nxt = np.minimum(r + 1, N - 1)
+                widx = self._widx(w_row[:n_proj], col[:n_proj])
+                it = [pack.put(v) for v in (items, fed[items] - 1, widx, nxt)]
+                if self.share:  # every item reads its slot's recursion-0 stack: one slab
+                    segs = [_seg(pack, 0, n, 0, S, items, count)]
+                else:  # recursion r reads stack rows [r*S, (r+1)*S)
+                    segs = [_seg(pack, i, j, rr * S, S, items[i:j], count[i:j]) for rr, i, j in depths]
+                parts = pack.upload(self.device)
+                for sg in segs:
+                    sg.resolve(parts, self.bias_dtype)
+                dec = self._block([parts[i] for i in it], n_proj, segs, depths)
+                st["block_steps"] += 1
+                st["block_items"] += n
+                depth[items] += 1
+            if not (na or ne or n):
+                break
+            st["steps"] += 1
+            # -- the one sync: routing decisions -------------------------------------------------------
+            parts = [x for x in (entry, dec) if x is not None]
+            vals = torch.cat(parts).tolist() if parts else []
+            if entry is not None:
+                ent, vals = vals[:ne], vals[ne:]
+                for row, v in zip(e_rows, ent, strict=True):
+                    if self.expert:
+                        if v:
+                            queue.append(row)
+                        else:
+                            exit_row(row, 0)
+                    else:
+                        tdepth[row] = v + 1  # already queued: everyone takes recursion 0
+            if n:
+                d = depth[items]
+                stop = d >= N
+                if self.expert:
+                    if dec is not None:  # a known recursion is taken by everyone
+                        stop |= ~(self.known_np[np.minimum(d, N - 1)] | np.array(vals, dtype=bool))
+                else:
+                    stop |= d >= tdepth[items]
+                gone = items[stop]
+                exits.extend(gone.tolist())
+                np.add.at(hist, (gone, d[stop]), 1)
+                dcount += np.bincount(d[stop], minlength=N + 1)
+                block = items[~stop].tolist()
+        st["depth_counts"] = dcount.tolist()
+        st.update(batch_size=B, seq_slots=S, flush_at=self.F)

@@ -1,0 +1,257 @@
+"""Decode engine (harness/engine.py): continuous batching equals one-request-at-a-time decoding.
+
+Tiny random models in float64 (so batching cannot flip an argmax or a routing threshold by
+rounding), more requests than slots, prompts and lengths that differ so rows are refilled while
+others run. For MoR the routers are calibrated so that tokens really stop at different depths.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import harness.engine as engine_mod
+from harness.engine import DepthWiseEngine, Request, SequenceEngine, make_engine
+from models import ConfigError, ModelConfig, RouterConfig, build_model
+
+V = 61
+BASE = dict(vocab_size=V, d_model=32, n_layers=5, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
+TOKEN = RouterConfig(name="token_choice", func="softmax", alpha=1.0, aux_loss="balance")
+
+
+def mor(router: RouterConfig | None = None, **kw) -> ModelConfig:
+    kw = {"family": "mor", "num_recursions": 3, "sharing": "middle_cycle", **kw}
+    return ModelConfig(**{**BASE, **kw}, router=router or RouterConfig())
+
+
+FAMILIES = {
+    "vanilla": ModelConfig(**BASE),
+    "recursive-middle_cycle": ModelConfig(**BASE, family="recursive", num_recursions=3),
+    "recursive-cycle": ModelConfig(
+        **{**BASE, "n_layers": 4}, family="recursive", num_recursions=2, sharing="cycle"
+    ),
+    "recursive-cycle-share": ModelConfig(
+        **{**BASE, "n_layers": 4}, family="recursive", num_recursions=2, sharing="cycle", kv="share"
+    ),
+    "mor-expert-cache": mor(),
+    "mor-expert-share": mor(kv="share"),
+    "mor-expert-cycle-share": mor(sharing="cycle", kv="share", n_layers=6),
+    "mor-expert-aux_router": mor(RouterConfig(aux_loss="aux_router", inference="aux_router")),
+    "mor-token-cache": mor(TOKEN),
+    "mor-token-share": mor(TOKEN, kv="share"),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def build(cfg: ModelConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(cfg).double().eval()
+    router = getattr(model, "router", None)
+    if router is not None and router.kind == "expert":
+        # thresholds -> loads (1, 2/3, 1/3); untrained aux routers split by sign, about half/half
+        model.calibrate([torch.randint(0, V, (4, 32), generator=_gen(5))])
+    return model
+
+
+def requests(n: int, seed: int = 1) -> list[Request]:
+    g = _gen(seed)
+    out = []
+    for _ in range(n):
+        plen = int(torch.randint(1, 4, (1,), generator=g))
+        out.append(
+            Request(
+                torch.randint(0, V, (plen,), generator=g).tolist(),
+                int(torch.randint(3, 13, (1,), generator=g)),
+            )
+        )
+    return out
+
+
+def reference(model, req: Request) -> list[int]:
+    """Batch-1 cached decoding (the model's own KV cache and forward)."""
+    return model.generate(torch.tensor([req.prompt_ids]), req.max_new_tokens)[0].tolist()
+
+
+def _check(model, reqs, results) -> None:
+    """Engine tokens = batch-1 cached decoding; engine logits = a full forward over the prefix."""
+    for req, res in zip(reqs, results, strict=True):
+        assert res.tokens == reference(model, req), req
+        seq = torch.tensor([req.prompt_ids + res.tokens[:-1]])
+        full = model(seq).logits[0, len(req.prompt_ids) - 1 :]
+        assert res.tokens == full.argmax(-1).tolist()
+        # the logits themselves, not just their argmax (tiny random models repeat tokens a lot)
+        assert torch.allclose(res.logits, full, rtol=0, atol=1e-10), (res.logits - full).abs().max()
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+@torch.no_grad()
+def test_greedy_engine_equals_cached_and_full_forward_decoding(name):
+    model = build(FAMILIES[name])
+    reqs = requests(9)
+    mor_family = hasattr(model, "router")
+    kw = dict(seq_slots=4, flush_at=2) if mor_family else {}
+    eng = make_engine(model, 3, max(len(r.prompt_ids) + r.max_new_tokens for r in reqs), **kw)
+    assert isinstance(eng, DepthWiseEngine if mor_family else SequenceEngine)
+    results = eng.run(reqs, keep_logits=True)
+    _check(model, reqs, results)
+    st = eng.stats
+    assert st["tokens_generated"] == sum(r.max_new_tokens for r in reqs)
+    assert st["tokens_fed"] == sum(len(r.prompt_ids) + r.max_new_tokens - 1 for r in reqs)
+    # rows were refilled while others ran: later requests start when earlier ones finish
+    finished = {res.stats["finished_step"] for res in results}
+    assert all(res.stats["admitted_step"] in finished for res in results[3 if not mor_family else 4 :])
+    assert max(res.stats["admitted_step"] for res in results) < st["steps"]
+    # measured KV bytes = analytic bytes at the depths the tokens actually reached
+    fractions = None
+    if mor_family:
+        counts = st["depth_counts"]
+        assert sum(counts) == st["tokens_fed"]
+        # routing is live: tokens stop early and go deep, at least two depths hold >= 10% each
+        assert counts[-1] > 0 and sum(counts[:-1]) >= 0.2 * sum(counts), counts
+        assert sum(c >= 0.1 * sum(counts) for c in counts) >= 2, counts
+        fractions = [sum(counts[r + 1 :]) / sum(counts) for r in range(3)]
+        if model.router.kind == "expert":
+            assert st["block_items"] > st["block_steps"]  # depths were batched together
+    assert st["kv_bytes_per_token"] == pytest.approx(model.kv_bytes_per_token(8, fractions))
+
+
+@torch.no_grad()
+def test_mor_depth_zero_exits_and_every_read_mode():
+    """A finite recursion-0 threshold (decisions come back through the sync before a token enters
+    the block), more sequences than block slots, and identity / slab / gather cache reads."""
+    model = build(mor(kv="cache"))
+    kinds = []
+    orig = engine_mod._seg
+
+    def spy(*a, **k):
+        seg = orig(*a, **k)
+        kinds.append(seg._i[0])
+        return seg
+
+    engine_mod._seg = spy
+    try:
+        # everyone takes recursion 0 (calibrated threshold -inf): a full synchronous batch -> identity
+        reqs = requests(12, seed=3)
+        eng = make_engine(model, 8, 16, seq_slots=8, flush_at=8)
+        _check(model, reqs, eng.run(reqs, keep_logits=True))
+        # then a recursion-0 threshold at the median of first-recursion scores: depth-0 exits
+        ids = torch.randint(0, V, (4, 32), generator=_gen(9))
+        h = model.layers[0](model.embed_tokens(ids), model.rotary(torch.arange(32).expand(4, 32)))
+        model.router.threshold[0] = model.router.score(h, 0).median()
+        eng = make_engine(model, 4, 16, seq_slots=6, flush_at=3)
+        _check(model, reqs, eng.run(reqs, keep_logits=True))
+        assert eng.stats["depth_counts"][0] > 0
+    finally:
+        engine_mod._seg = orig
+    assert {"identity", "slab", "gather"} <= set(kinds), set(kinds)
+
+
+@pytest.mark.parametrize("name", ["vanilla", "mor-expert-cache", "mor-token-share"])
+@torch.no_grad()
+def test_sdpa_attention_and_unfused_weights_agree(name):
+    model = build(FAMILIES[name])
+    reqs = requests(5, seed=4)
+    _check(model, reqs, make_engine(model, 2, 16).run(reqs, keep_logits=True))
+    _check(model, reqs, make_engine(model, 2, 16, attention="sdpa", fuse=False).run(reqs, keep_logits=True))
+
+
+@pytest.mark.parametrize("name", ["vanilla", "mor-expert-cache", "mor-token-cache"])
+@torch.no_grad()
+def test_sampling_is_seeded(name):
+    model = build(FAMILIES[name])
+    reqs = [Request([0], 12) for _ in range(6)]
+    run = lambda seed: [r.tokens for r in make_engine(model, 3, 12, temperature=1.0, seed=seed).run(reqs)]
+    a, b, c = run(0), run(0), run(1)
+    assert a == b and a != c
+    assert len({tuple(t) for t in a}) > 1  # requests differ although their prompts are equal
+    assert all(0 <= t < V for toks in a for t in toks)
+    # the same engine object, run twice, repeats itself too (the generator is reseeded per run)
+    eng = make_engine(model, 3, 12, temperature=1.0, seed=7)
+    assert [r.tokens for r in eng.run(reqs)] == [r.tokens for r in eng.run(reqs)]
+
+
+@torch.no_grad()
+def test_engine_errors_name_the_problem():
+    model = build(FAMILIES["vanilla"])
+    with pytest.raises(ConfigError, match="max_len"):
+        make_engine(model, 2, 8).run([Request([1, 2], 8)])
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        make_engine(model, 2, 1000)
+    with pytest.raises(ConfigError, match="attention"):
+        make_engine(model, 2, 8, attention="flash")
+    topk = build(mor(RouterConfig(inference="topk")))
+    with pytest.raises(ConfigError, match="non-causal"):
+        make_engine(topk, 2, 8)
+
+
+# -- the decode probe (harness/bench.py) ---------------------------------------------------------------
+
+PROBE = [
+    "size=tiny",
+    "model.d_model=32",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.d_ff=64",
+    "model.n_layers=5",
+    "bench.weights=random",
+    "bench.num_requests=6",
+    "bench.gen_len_mean=8",
+    "bench.gen_len_std=2",
+    "bench.batch_sizes=[2]",
+    "bench.warmup=2",
+]
+
+
+@pytest.mark.parametrize("model", ["vanilla", "mor_expert"])
+def test_decode_probe_rows(tmp_path, model):
+    from harness import records
+    from harness.bench import run_bench
+    from tests.helpers import compose
+
+    cfg = compose([*PROBE, f"model={model}", "bench.max_batch=true", "bench.max_batch_rule=relative"])
+    rows = run_bench(cfg, tmp_path)
+    assert rows == records.read_jsonl(tmp_path / "bench.jsonl")
+    fixed, top = rows
+    assert (fixed["batch_kind"], fixed["batch_size"], top["batch_kind"]) == ("fixed", 2, "max")
+    for r in rows:
+        assert r["probe"] == "decode" and r["tokens_per_s"] > 0 and r["ms_per_step"] > 0
+        assert r["generated_tokens"] == sum(gen_lengths_of(cfg)) and r["peak_mem_bytes"] > 0
+        assert r["kv_bytes_per_token"] == pytest.approx(r["kv_bytes_per_token_analytic_at_depths"])
+    if model == "vanilla":
+        assert top["batch_size"] == 2  # relative rule: vanilla keeps its batch
+        assert fixed["flop_ratio_vs_vanilla"] == pytest.approx(1.0) and "depth_hist" not in fixed
+        assert fixed["kv_bytes_per_token"] == fixed["kv_bytes_per_token_analytic"]
+    else:
+        assert top["batch_size"] == 3  # 2 x fit(MoR)/fit(vanilla): smaller KV per token
+        assert sum(fixed["depth_hist"]) == pytest.approx(1.0) and len(fixed["depth_hist"]) == 4
+        assert fixed["depth_fractions"][0] == 1.0 and 0 < fixed["depth_fractions"][2] < 1
+        assert fixed["flop_ratio_vs_vanilla"] < 1 and fixed["flop_ratio_vs_vanilla_design"] < 1
+
+
+def gen_lengths_of(cfg) -> list[int]:
+    from harness.bench import gen_lengths
+
+    return gen_lengths(cfg.bench, cfg.seed, cfg.model.max_seq_len)
+
+
+def test_decode_probe_rejects_a_batch_that_cannot_fit():
+    from harness.bench import run_bench
+    from tests.helpers import compose
+
+    cfg = compose([*PROBE, "model=vanilla", "bench.memory_budget_gb=0.0001", "bench.batch_sizes=[1000]"])
+    with pytest.raises(ConfigError, match="bench.batch_sizes.*bench.memory_budget_gb"):
+        run_bench(cfg, None)
+    cfg = compose([*PROBE, "model=vanilla", "bench.max_batch=true", "bench.max_batch_rule=most"])
+    with pytest.raises(ConfigError, match="max_batch_rule"):
+        run_bench(cfg, None)

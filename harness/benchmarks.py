@@ -153,6 +153,56 @@ def eval_speed(size: dict, limit: int) -> dict:
     return out
 
 
+def decode_vs_hf(size: dict, batch: int, new_tokens: int) -> dict:
+    """Greedy prompt-free decoding: our engine (vanilla) vs transformers' generate with a static
+    cache, same exported weights, same batch; tokens must agree."""
+    import tempfile
+
+    from transformers import LlamaForCausalLM
+
+    from models.hf_io import export_hf
+
+    from .engine import Request, make_engine
+
+    torch.manual_seed(0)
+    ours = build_model(ModelConfig(family="vanilla", **size)).eval()
+    with tempfile.TemporaryDirectory() as d:
+        export_hf(ours, d)
+        hf = LlamaForCausalLM.from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32).eval()
+    bos = torch.zeros(batch, 1, dtype=torch.long)
+    engine = make_engine(ours, batch, new_tokens + 1, temperature=0.0)
+    reqs = [Request([0], new_tokens) for _ in range(batch)]
+
+    def run_ours():
+        return engine.run(reqs)
+
+    def run_hf():
+        return hf.generate(
+            bos,
+            attention_mask=torch.ones_like(bos),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            cache_implementation="static",
+            pad_token_id=0,
+        )
+
+    with torch.no_grad():
+        t_ours = _median_time(run_ours, 1, 3)
+        t_hf = _median_time(run_hf, 1, 3)
+        same = [r.tokens for r in run_ours()] == run_hf()[:, 1:].tolist()
+    n = batch * new_tokens
+    return {
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "ours_tok_s": n / t_ours,
+        "hf_static_tok_s": n / t_hf,
+        "speedup": t_hf / t_ours,
+        "same_tokens": same,
+        "goal": ">= 1.5x",
+    }
+
+
 def loader_speed(seq_len: int, batch: int) -> dict:
     """The synthetic loader's tokens/s, to set next to the models' training tokens/s."""
     from .data import DataConfig, build_loader, measure_loader_throughput, synthetic_tokenizer
@@ -215,6 +265,7 @@ def main() -> None:
         "mor_step_ratio": lambda: mor_step_ratio(size, 8, 256, iters),
         "eval_speed": lambda: eval_speed(size, 40 if args.quick else 200),
         "loader_speed": lambda: loader_speed(256, 8),
+        "decode_vs_hf": lambda: decode_vs_hf(size, 32, 32 if args.quick else 128),
         "probes": lambda: probes(args.size, args.quick),
     }
     for name, fn in benches.items():  # each file is written as soon as its numbers exist

@@ -21,12 +21,20 @@ first ``val_docs`` documents of the stream) and the remaining documents form the
 every epoch (streaming: a seeded shuffle buffer) and cycled forever.
 
 Packing: every document's tokens are followed by the tokenizer's EOS (the document separator) and the
-documents are concatenated into one stream per rank. A batch is a contiguous span of ``B*T + 1`` stream
-tokens: ``input_ids`` are its first ``B*T`` tokens and ``labels`` its last ``B*T``, both viewed as
-``[B, T]``, so every stream token is a label exactly once. ``token_class`` is the class of the label token
-(-1 for real text, whose difficulty is unknown). Rank ``r`` of ``w`` reads the documents ``r, r+w, ...`` of
-each epoch's order, so ranks are disjoint and deterministic. The loader position is ``(epoch, doc, offset)``
-(next batch starts at token ``offset`` of the rank's ``doc``-th document of ``epoch``): `state_dict` /
+documents are concatenated into one stream. A batch is a contiguous span of ``B*T + 1`` stream tokens:
+``input_ids`` are its first ``B*T`` tokens and ``labels`` its last ``B*T``, both viewed as ``[B, T]``, so
+every stream token is a label exactly once. ``token_class`` is the class of the label token (-1 for real
+text, whose difficulty is unknown).
+
+Sharding: rank ``r`` of ``w`` with micro-batch ``B`` reads the same global stream as every other rank, cuts
+it into global batches of ``B*w`` rows, and keeps rows ``[r*B, (r+1)*B)`` of each. So the ranks are disjoint
+and deterministic, and together they see exactly the rows that one process with batch ``B*w`` sees at the
+same step: data-parallel training is the single-process run of the same global batch (up to float
+reduction order), and the loader position does not depend on the world size. The price is that every rank
+reads and tokenizes the whole stream (``w`` times the work of reading only its share): the synthetic
+generator makes ~3M tokens/s and `tokenizers` encodes in parallel, far above a trainer's consumption; for
+much larger worlds pre-tokenize. The loader position is ``(epoch, doc, offset)`` (the next global batch
+starts at token ``offset`` of the ``doc``-th document of ``epoch``), the same on every rank: `state_dict` /
 `load_state_dict` resume exactly.
 """
 
@@ -420,23 +428,25 @@ def _train_bpe(texts: Iterator[str], vocab_size: int) -> _HFTokenizer:
 
 def _training_texts(cfg: DataConfig) -> Iterator[str]:
     corpus = _make_corpus(cfg)
-    for _, _, raw in islice(corpus.train_docs(0, 0, 0, 1), cfg.tokenizer_train_docs):
+    for _, _, raw in islice(corpus.train_docs(0, 0), cfg.tokenizer_train_docs):
         yield raw if isinstance(raw, str) else synthetic_text(raw[0])
 
 
 # ==========================================================================================================
-# Corpora: raw documents per split, epoch and rank
+# Corpora: raw documents per split and epoch
 # ==========================================================================================================
 RawDoc = str | tuple[list[int], list[int]]  # text, or synthetic (token ids, classes)
-DocStream = Iterator[tuple[int, int, RawDoc]]  # (epoch, doc position within the rank's epoch, document)
+DocStream = Iterator[tuple[int, int, RawDoc]]  # (epoch, doc position within the epoch, document)
 
 
 class _Corpus:
-    def train_docs(self, epoch: int, start: int, rank: int, world: int) -> DocStream:
-        """The rank's training documents from position `start` of `epoch` on, continuing into later epochs."""
+    """Documents of one split in their global order; every rank reads all of them (see Sharding above)."""
+
+    def train_docs(self, epoch: int, start: int) -> DocStream:
+        """Training documents from position `start` of `epoch` on, continuing into later epochs."""
         raise NotImplementedError
 
-    def val_docs(self, rank: int, world: int) -> DocStream:
+    def val_docs(self) -> DocStream:
         raise NotImplementedError
 
 
@@ -444,15 +454,15 @@ class _SyntheticCorpus(_Corpus):
     def __init__(self, cfg: DataConfig):
         self.seed, self.n_val, self.knobs = cfg.seed, cfg.val_docs, _SynKnobs.from_config(cfg)
 
-    def train_docs(self, epoch, start, rank, world):
+    def train_docs(self, epoch, start):
         k = start
-        while True:  # one infinite epoch: document val_docs + rank + world*k
-            yield 0, k, _synthetic_doc(self.seed, self.n_val + rank + world * k, self.knobs)
+        while True:  # one infinite epoch: document val_docs + k
+            yield 0, k, _synthetic_doc(self.seed, self.n_val + k, self.knobs)
             k += 1
 
-    def val_docs(self, rank, world):
-        for k, i in enumerate(range(rank, self.n_val, world)):
-            yield 0, k, _synthetic_doc(self.seed, i, self.knobs)
+    def val_docs(self):
+        for i in range(self.n_val):
+            yield 0, i, _synthetic_doc(self.seed, i, self.knobs)
 
 
 class _IndexedCorpus(_Corpus):
@@ -479,16 +489,14 @@ class _IndexedCorpus(_Corpus):
             for j, t in enumerate(texts):
                 yield epoch, c + j, t
 
-    def train_docs(self, epoch, start, rank, world):
-        if len(self.train_idx) < world:
-            raise ValueError(f"{len(self.train_idx)} training documents cannot be shared by {world} ranks")
+    def train_docs(self, epoch, start):
         while True:
             perm = np.random.default_rng([self.seed, 2, epoch]).permutation(len(self.train_idx))
-            yield from self._texts(self.train_idx[perm][rank::world], epoch, start)
+            yield from self._texts(self.train_idx[perm], epoch, start)
             epoch, start = epoch + 1, 0
 
-    def val_docs(self, rank, world):
-        yield from self._texts(self.val_idx[rank::world], 0, 0)
+    def val_docs(self):
+        yield from self._texts(self.val_idx, 0, 0)
 
 
 class _StreamingCorpus(_Corpus):
@@ -506,14 +514,13 @@ class _StreamingCorpus(_Corpus):
                 raise ValueError(f"data.text_field={self.field!r} is not a column of {list(ex)}")
             yield ex[self.field] or ""
 
-    def train_docs(self, epoch, start, rank, world):
+    def train_docs(self, epoch, start):
         while True:
             docs = _buffer_shuffle(
                 islice(self._stream(), self.n_val, None), random.Random(f"{self.seed}/{epoch}")
             )
-            mine = islice(docs, rank, None, world)
             any_doc = False
-            for k, t in enumerate(mine):
+            for k, t in enumerate(docs):
                 any_doc = True
                 if k >= start:
                     yield epoch, k, t
@@ -523,8 +530,8 @@ class _StreamingCorpus(_Corpus):
                 )
             epoch, start = epoch + 1, 0
 
-    def val_docs(self, rank, world):
-        for k, t in enumerate(islice(islice(self._stream(), self.n_val), rank, None, world)):
+    def val_docs(self):
+        for k, t in enumerate(islice(self._stream(), self.n_val)):
             yield 0, k, t
 
 
@@ -639,7 +646,7 @@ class _Encoder:
                 yield item
             if chunk[-1][0] >= (chunk[0][0] if last_tokens_epoch is None else last_tokens_epoch) + 2:
                 raise ValueError(
-                    "two consecutive epochs of this rank's training documents hold no tokens (empty docs?)"
+                    "two consecutive epochs of the training documents hold no tokens (empty docs?)"
                 )
 
     def _encode(self, chunk):
@@ -718,7 +725,8 @@ class PackedLoader:
 
     split="train": infinite; iterating continues from the current position, and `state_dict()` /
     `load_state_dict()` save and restore it exactly. split="val": the same finite list of batches on every
-    iteration (the last one may hold fewer rows)."""
+    iteration (the last one may hold fewer rows, or none for a rank past the end of the last global batch).
+    Rank `rank` of `world` gets rows `[rank*B, (rank+1)*B)` of each global batch of `B*world` rows."""
 
     def __init__(
         self, cfg: DataConfig, tokenizer: Tokenizer, split: str, batch_size: int, rank: int, world: int
@@ -728,11 +736,13 @@ class PackedLoader:
         self._corpus = _make_corpus(cfg)
         self._encode = _Encoder(tokenizer)
         if split == "train":
-            self._stream = _TokenStream(lambda e, d: self._encode(self._corpus.train_docs(e, d, rank, world)))
+            self._stream = _TokenStream(lambda e, d: self._encode(self._corpus.train_docs(e, d)))
         self.batches_served = 0
 
-    def _batch(self, ids: np.ndarray, cls: np.ndarray, rows: int) -> dict[str, torch.Tensor]:
+    def _batch(self, ids: np.ndarray, cls: np.ndarray, first: int, rows: int) -> dict[str, torch.Tensor]:
+        """Rows `[first, first+rows)` of the global batch held in the stream span `ids` (classes `cls`)."""
         T = self.seq_len
+        ids, cls = ids[first * T : (first + rows) * T + 1], cls[first * T : (first + rows) * T + 1]
         return {
             "input_ids": torch.from_numpy(ids[: rows * T].reshape(rows, T)),
             "labels": torch.from_numpy(ids[1 : rows * T + 1].reshape(rows, T)),
@@ -741,30 +751,30 @@ class PackedLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         B, T = self.batch_size, self.seq_len
+        G, first = B * self.world_size, B * self.rank  # global rows per batch; this rank's first row
         if self.split == "val":
-            stream = _TokenStream(
-                lambda e, d: self._encode(self._corpus.val_docs(self.rank, self.world_size))
-            )
+            stream = _TokenStream(lambda e, d: self._encode(self._corpus.val_docs()))
             produced = False
-            while (got := stream.take(B * T + 1, B * T)) is not None:
+            while (got := stream.take(G * T + 1, G * T)) is not None:
                 produced = True
-                yield self._batch(*got, B)
+                yield self._batch(*got, first, B)
             rows = (stream.available() - 1) // T
             if rows > 0:
-                yield self._batch(*stream.take(rows * T + 1, rows * T), rows)
+                got = stream.take(rows * T + 1, rows * T)
+                if rows > first:
+                    yield self._batch(*got, first, min(B, rows - first))
             elif not produced:
                 raise ValueError(
-                    f"data.val_docs={self.cfg.val_docs} hold out fewer than data.seq_len+1={T + 1} tokens "
-                    f"for rank {self.rank} of {self.world_size}"
+                    f"data.val_docs={self.cfg.val_docs} hold out fewer than data.seq_len+1={T + 1} tokens"
                 )
             return
         while True:
-            got = self._stream.take(B * T + 1, B * T)
+            got = self._stream.take(G * T + 1, G * T)
             self.batches_served += 1
-            yield self._batch(*got, B)
+            yield self._batch(*got, first, B)
 
     def state_dict(self) -> dict[str, int]:
-        """Position of the next batch (plain ints, JSON-serializable)."""
+        """Position of the next global batch (plain ints, JSON-serializable; equal on every rank)."""
         if self.split != "train":
             return {"epoch": 0, "doc": 0, "offset": 0, "batches": 0}
         s = self._stream
@@ -782,7 +792,9 @@ def build_loader(
 ) -> PackedLoader:
     """Packed-sequence loader for `split` ("train": infinite, resumable; "val": fixed finite batches).
 
-    Rank `rank` of `world_size` reads a disjoint, deterministic share of the documents."""
+    Rank `rank` of `world_size` gets rows `[rank*batch_size, (rank+1)*batch_size)` of every global batch of
+    `batch_size*world_size` rows: disjoint, deterministic, and together the batches of one process with
+    `batch_size*world_size` rows (see the module docstring, Sharding)."""
     validate_config(cfg)
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is invalid: allowed {', '.join(SPLITS)}")
@@ -790,10 +802,8 @@ def build_loader(
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
-    if split == "val" and cfg.val_docs < world_size:
-        raise ValueError(
-            f"data.val_docs={cfg.val_docs} leaves no validation documents for {world_size} rank(s)"
-        )
+    if split == "val" and cfg.val_docs < 1:
+        raise ValueError(f"data.val_docs={cfg.val_docs} holds out no validation documents")
     return PackedLoader(cfg, tokenizer, split, batch_size, rank, world_size)
 
 

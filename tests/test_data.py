@@ -158,14 +158,34 @@ def test_resume_gives_identical_batches(tok, world):
     assert same(take(ld, 4), ref[5:])  # the original keeps going from where it stopped
 
 
-def test_synthetic_rank_sharding(tok):
-    firsts = []
-    for r in range(3):
-        b = next(iter(build_loader(SYN, tok, "train", 2, r, 3)))
-        text, _ = next(synthetic_documents(0, 1, start=SYN.val_docs + r, doc_words=64))
-        assert b["input_ids"][0].tolist() == (tok.encode(text) + [tok.eos_id])[:32]
-        firsts.append(b["input_ids"])
+def cat_ranks(per_rank):
+    """Concatenate the ranks' batches of each step along rows (rank order)."""
+    return [{k: torch.cat([b[k] for b in step]) for k in step[0]} for step in zip(*per_rank, strict=True)]
+
+
+def test_synthetic_rank_sharding_is_the_global_batch(tok):
+    # rank r of w holds rows [r*B, (r+1)*B) of the batch of B*w rows one process would read at that step
+    per_rank = [take(build_loader(SYN, tok, "train", 2, r, 3), 4) for r in range(3)]
+    assert same(cat_ranks(per_rank), take(build_loader(SYN, tok, "train", 6), 4))
+    text, _ = next(synthetic_documents(0, 1, start=SYN.val_docs, doc_words=64))
+    assert per_rank[0][0]["input_ids"][0].tolist() == (tok.encode(text) + [tok.eos_id])[:32]
+    firsts = [b[0]["input_ids"] for b in per_rank]  # disjoint rows ...
     assert not torch.equal(firsts[0], firsts[1]) and not torch.equal(firsts[1], firsts[2])
+    assert same(per_rank[1], take(build_loader(SYN, tok, "train", 2, 1, 3), 4))  # ... and deterministic
+    states = [build_loader(SYN, tok, "train", 2, r, 3) for r in range(3)]
+    for ld in states:
+        take(ld, 3)
+    assert states[0].state_dict() == states[2].state_dict()  # one global position
+
+
+@pytest.mark.parametrize("batch", [3, 4])  # short last global batch: held by rank 0 alone / split
+def test_val_rank_sharding_is_the_global_batch(tok, batch):
+    per_rank = [list(build_loader(SYN, tok, "val", batch, r, 2)) for r in range(2)]
+    single = list(build_loader(SYN, tok, "val", 2 * batch))
+    assert len(per_rank[0]) == len(single) >= len(per_rank[1]) >= len(single) - 1
+    for i, b in enumerate(single):
+        parts = [p[i] for p in per_rank if i < len(p)]
+        assert all(torch.equal(torch.cat([p[k] for p in parts]), b[k]) for k in b)
 
 
 # -- local files and the hf source -------------------------------------------------------------------------
@@ -211,9 +231,9 @@ def test_text_files_txt_jsonl_parquet(tmp_path):
     assert (b["token_class"] == -1).all()
     assert (b["input_ids"] == tok.eos_id).any()  # document separators
 
-    # ranks split each epoch's documents disjointly; resume crosses epoch boundaries exactly
-    shares = [_markers(build_loader(cfg, tok, "train", 1, r, 2), tok, 6) for r in range(2)]
-    assert shares[0] and shares[1] and not shares[0] & shares[1]
+    # ranks take disjoint rows of the global batch (across epochs); resume crosses epoch boundaries exactly
+    per_rank = [take(build_loader(cfg, tok, "train", 1, r, 2), 20) for r in range(2)]
+    assert same(cat_ranks(per_rank), take(build_loader(cfg, tok, "train", 2), 20))
     ref = take(build_loader(cfg, tok, "train", 2, 1, 2), 30)
     ld = build_loader(cfg, tok, "train", 2, 1, 2)
     take(ld, 17)

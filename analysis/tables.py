@@ -274,6 +274,59 @@ SHARE = RowKey("Share", "sharing_label")
 KV = RowKey("KV", "kv_label")
 
 
+# difficulty classes of the synthetic data (harness.data.TOKEN_CLASSES; analysis never imports it)
+SYNTHETIC_CLASSES = ("filler", "structure", "random", "recall", "arith")
+
+
+def _router_columns() -> tuple[Column, ...]:
+    """Columns of the `routers` table: compute, NLL overall and per class, depth per class, router
+    health, and NLL at other recursion counts (eval.recursions) where evaluated."""
+    per_class = [
+        Column(f"NLL {c}", "evals", f"nll/{c}", where={"task": "val"}, fmt=".3f", optional=True)
+        for c in SYNTHETIC_CLASSES
+    ]
+    depth = [
+        Column(f"depth {c}", "evals", f"depth_mean/{c}", where={"task": "val"}, fmt=".2f", optional=True)
+        for c in SYNTHETIC_CLASSES
+    ]
+    scaling = [
+        Column(
+            f"NLL @{n} rec", "evals", f"recursions/{n}/nll", where={"task": "val"}, fmt=".4f", optional=True
+        )
+        for n in (1, 2, 3, 4, 5, 6)
+    ]
+    return (
+        PARAMS,
+        FLOPS,
+        TOKENS,
+        Column(
+            "FLOPs/tok spent",
+            "metrics",
+            "flops_per_token_measured",
+            agg="mean",
+            fmt="sci",
+            optional=True,
+            std=False,
+        ),
+        NLL,
+        *per_class,
+        Column("depth", "evals", "depth_mean/all", where={"task": "val"}, fmt=".2f", optional=True),
+        *depth,
+        Column(
+            "Dead %",
+            "evals",
+            "dead_token_ratio",
+            where={"task": "val"},
+            scale=100.0,
+            fmt=".1f",
+            optional=True,
+            fallback=Column("Dead %", "metrics", "router/dead_token_ratio", scale=100.0),
+        ),
+        Column("Samp-Acc %", "metrics", "router/sampling_acc_r*", scale=100.0, fmt=".1f", optional=True),
+        *scaling,
+    )
+
+
 def _spec_list() -> list[TableSpec]:
     tasks = PAPER_TASK_COLUMNS
     decode32 = Column(
@@ -359,6 +412,21 @@ def _spec_list() -> list[TableSpec]:
             ),
             experiments=("routing*", "table4*", "table13*", "table14*"),
             run_filter={"family": "mor"},
+        ),
+        TableSpec(
+            "routers",
+            "Routers at equal compute: NLL and depth per token class",
+            rows=(SIZE, BUDGET, MODEL, NR, RowKey("KV", "kv_label", when="varies")),
+            columns=_router_columns(),
+            experiments=("routers*",),
+            run_filter={"family": "mor"},
+            note="Validation NLL with each router's causal inference rule. FLOPs: the training budget "
+            "(the step count follows from each router's nominal depth schedule); FLOPs/tok spent: "
+            "mean over training of the forward+backward FLOPs/token at the depths really routed. "
+            "depth: mean recursions per token (all tokens, then per class of the predicted token). "
+            "Dead %: positions no sequence of a batch routes to the last recursion. Samp-Acc: "
+            "agreement of the causal rule with training-time top-k (expert-choice routers). "
+            "NLL @n rec: the trained model run with n recursions (eval.recursions).",
         ),
         TableSpec(
             "kv",
@@ -627,7 +695,7 @@ def build_table(
     out = firsts.drop(columns=[c for c in values if c in firsts]).join(means)
     out["_n_seeds"] = n
     out["_run_ids"] = g["run_id"].agg(lambda s: ";".join(s))
-    out = out.reset_index()
+    out = out.copy().reset_index()  # consolidated first: wide specs (routers) would fragment it
     stds = stds.reset_index(drop=True)
 
     # sort: size, budget, family, router, N_r, kv, sharing

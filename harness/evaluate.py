@@ -4,8 +4,13 @@
 
 Validation NLL is measured on the run's own data config (split "val"): overall, per synthetic
 token class, and for MoR per recursion depth (tokens grouped by how many recursions the router
-gave them). Tasks run through lm-eval's `simple_evaluate` with the `mor` adapter
-(harness/lm_eval_adapter.py); the routing rule and causality used are recorded in every row.
+gave them). MoR runs also get routing diagnostics (`nll_stats(diagnostics=True)`: share of each
+token class and position bucket run at each recursion, mean depth per class, depth entropy and
+MaxVio, the router's load / dead-token / entropy statistics), and with `eval.recursions` the
+validation NLL of the trained model applied with other recursion counts (`with_recursions`;
+rows `recursions/<n>/nll`, `recursions/<n>/nll/<class>`, `recursions/<n>/depth_mean/<c>`).
+Tasks run through lm-eval's `simple_evaluate` with the `mor` adapter (harness/lm_eval_adapter.py);
+the routing rule and causality used are recorded in every row.
 
 Paper tasks without hub access: export each dataset once on a connected machine, e.g.
 `datasets.load_dataset("baber/piqa")[split].to_json(f"{data_dir}/piqa/{split}.jsonl")`, copy
@@ -79,6 +84,7 @@ class EvalConfig:
     demo_docs: int = 64  # documents per demo task (tasks=demo)
     seed: int = 0  # lm-eval sampling / few-shot seeds and the demo tasks' seed
     bootstrap_iters: int = 1000  # lm-eval bootstrap resamples for stderrs of non-mean metrics (0: none)
+    recursions: list[int] | None = None  # MoR/recursive: also validation NLL at these recursion counts
 
 
 # -- tasks --------------------------------------------------------------------------------------
@@ -232,7 +238,9 @@ def write_local_task_overrides(
 # -- validation NLL ---------------------------------------------------------------------------
 @contextmanager
 def record_depths(model):
-    """Yields a dict whose "depth" is, after each forward, LongTensor[B, T]: recursions per token.
+    """Yields a dict whose "depth" is, after each forward, LongTensor[B, T]: recursions per token,
+    and "active": the BoolTensor[B, T] of tokens run at each recursion that ran (a router may stop
+    early when a recursion selects nobody).
 
     Wraps the router's `select` on this instance only (restored on exit); None for models
     without a router."""
@@ -240,13 +248,14 @@ def record_depths(model):
     if router is None:
         yield None
         return
-    state: dict[str, Any] = {"depth": None}
+    state: dict[str, Any] = {"depth": None, "active": []}
     select = router.select
 
     def recording(r, h, prev, plan, aux, stats):
         sel = select(r, h, prev, plan, aux, stats)
         d = sel.active.long()
         state["depth"] = d if r == 0 or state["depth"] is None else state["depth"] + d
+        state["active"] = [sel.active] if r == 0 else [*state["active"], sel.active]
         return sel
 
     router.select = recording
@@ -256,8 +265,18 @@ def record_depths(model):
         del router.select
 
 
-def nll_stats(model, batches, device) -> list[tuple[str, float, float, int]]:
+POSITION_BUCKETS = 4  # depth_frac/pos_<start>/r<k>: the sequence cut into this many equal spans
+
+
+def nll_stats(model, batches, device, diagnostics: bool = False) -> list[tuple[str, float, float, int]]:
     """(metric, mean NLL/token, stderr, tokens) overall, per token class and per recursion depth.
+
+    With `diagnostics` (evaluation), MoR models also get routing rows, (metric, mean, stderr, n):
+    `depth_frac/<c>/r<k>` (share of class c's tokens run at recursion k, 1-based; c is a token
+    class, `all`, or a position bucket `pos_<start>`), `depth_mean/<c>` (mean recursions per token),
+    `depth_entropy` and `depth_maxvio` (of the distribution of recursions per token), and the
+    router's own statistics without their `router/` prefix (`load_r<k>` 0-based, `dead_token_ratio`,
+    `entropy`, `maxvio`, ...; means over batches, n = batches).
 
     Runs under the caller's autocast/routing context; shared by training-time validation."""
     import torch
@@ -265,6 +284,7 @@ def nll_stats(model, batches, device) -> list[tuple[str, float, float, int]]:
     from .data import TOKEN_CLASSES
 
     sums: dict[str, list[float]] = {}  # metric -> [sum, sum of squares, count]
+    depth_hist: dict[int, int] = {}
 
     def add(name: str, nll: torch.Tensor) -> None:
         s = sums.setdefault(name, [0.0, 0.0, 0])
@@ -277,7 +297,8 @@ def nll_stats(model, batches, device) -> list[tuple[str, float, float, int]]:
     with torch.no_grad(), record_depths(model) as rec:
         for batch in batches:
             ids, labels, cls = (batch[k].to(device) for k in ("input_ids", "labels", "token_class"))
-            logits = model(ids).logits
+            out = model(ids)
+            logits = out.logits
             nll = torch.nn.functional.cross_entropy(
                 logits.float().flatten(0, 1), labels.flatten(), reduction="none", ignore_index=-100
             ).double()
@@ -292,24 +313,156 @@ def nll_stats(model, batches, device) -> list[tuple[str, float, float, int]]:
                 d = rec["depth"].flatten()
                 for k in sorted(set(d[real].tolist())):
                     add(f"nll/depth{k}", nll[real & (d == k)])
+                if diagnostics:
+                    _routing_rows(add, depth_hist, rec, out.stats, real, c, model.cfg.num_recursions)
     model.train(was)
-    out = []
+    rows = []
     for name, (s, sq, n) in sums.items():
         mean = s / n
         var = max(sq / n - mean * mean, 0.0)
-        out.append((name, mean, math.sqrt(var / max(n - 1, 1)), n))
-    return out
+        rows.append((name, mean, math.sqrt(var / max(n - 1, 1)), n))
+    if depth_hist:
+        total = sum(depth_hist.values())
+        p = [v / total for v in depth_hist.values()]
+        # per-depth loads over depths 1..N_r (and 0 where some token ran no recursion)
+        first = 0 if depth_hist.get(0, 0) else 1
+        loads = [depth_hist.get(k, 0) / total for k in range(first, model.cfg.num_recursions + 1)]
+        mean_load = sum(loads) / len(loads)
+        rows.append(("depth_entropy", 0.0 - sum(x * math.log(x) for x in p if x > 0), 0.0, total))
+        rows.append(("depth_maxvio", (max(loads) - mean_load) / mean_load if mean_load else 0.0, 0.0, total))
+    return rows
 
 
-def validation_nll(lm, data_cfg, n_batches: int, batch_size: int) -> list[tuple[str, float, float, int]]:
-    """Validation NLL of the adapter's model on the run's held-out data (see `nll_stats`)."""
+def _routing_rows(add, depth_hist: dict, rec: dict, stats: dict, real, cls, n_rec: int) -> None:
+    """Accumulate one batch's routing diagnostics (see `nll_stats`)."""
+    import torch
+
+    from .data import TOKEN_CLASSES
+
+    acts = rec["active"]
+    B, T = acts[0].shape
+    # recursions that did not run (everybody stopped) count as inactive
+    act = torch.stack([*acts, *[torch.zeros_like(acts[0])] * (n_rec - len(acts))], -1).flatten(0, 1)
+    act = act.double()  # [B*T, N_r]
+    depth = act.sum(-1)
+    pos = torch.arange(T, device=real.device).repeat(B)
+    groups = {"all": real}
+    for k, name in enumerate(TOKEN_CLASSES):
+        groups[name] = real & (cls == k)
+    width = -(-T // POSITION_BUCKETS)
+    for start in range(0, T, width):
+        groups[f"pos_{start}"] = real & (pos >= start) & (pos < start + width)
+    for name, m in groups.items():
+        if not m.any():
+            continue
+        for k in range(n_rec):
+            add(f"depth_frac/{name}/r{k + 1}", act[m, k])
+        add(f"depth_mean/{name}", depth[m])
+    for k, v in enumerate(torch.bincount(depth[real].long(), minlength=n_rec + 1).tolist()):
+        depth_hist[k] = depth_hist.get(k, 0) + v
+    for key, v in stats.items():
+        if key.startswith("router/"):
+            add(key.removeprefix("router/"), torch.as_tensor(v, dtype=torch.float64).reshape(1))
+
+
+def validation_nll(
+    lm, data_cfg, n_batches: int, batch_size: int, diagnostics: bool = False, model=None
+) -> list[tuple[str, float, float, int]]:
+    """Validation NLL of the adapter's model (or `model`, run under the adapter's routing rule) on
+    the run's held-out data (see `nll_stats`)."""
     from itertools import islice
 
     from .data import build_loader
 
     loader = build_loader(data_cfg, lm.tokenizer, "val", batch_size)
     with lm.routing_context():
-        return nll_stats(lm.model, islice(loader, n_batches), lm.device)
+        if model is None:
+            return nll_stats(lm.model, islice(loader, n_batches), lm.device, diagnostics)
+        router = getattr(model, "router", None)
+        if router is not None:
+            router.rule = getattr(getattr(lm.model, "router", None), "rule", None)
+        return nll_stats(model, islice(loader, n_batches), lm.device, diagnostics)
+
+
+# -- test-time recursion scaling ------------------------------------------------------------------
+def with_recursions(model, n: int):
+    """The trained model applied with `n` recursions of its shared block (paper section 5.3).
+
+    The unique layers and the shared block are the trained weights (the block keeps its trained
+    number of layers). Routers are per recursion or per token:
+    * per-recursion routers (expert-choice and its subclasses: scorers in a ModuleList, a
+      threshold per recursion): recursion r >= N_trained reuses the last trained recursion's
+      scorer and threshold, so a token may continue past the trained depth when it keeps passing
+      the last router; with fewer recursions the later routers are dropped. A per-recursion
+      `model.router.capacity` list is extended with its last entry (or cut).
+    * token-choice routers (one depth per token up front, from a scorer over N_trained depths):
+      the trained scorer decides as before; with more recursions the tokens that chose the deepest
+      trained depth run all `n`, with fewer the depth is capped at `n`.
+    A recursive model without a router simply runs the block `n` times."""
+    import copy
+
+    import torch
+
+    from models import build_model
+    from models.recursive import layout
+
+    cfg = copy.deepcopy(model.cfg)
+    if cfg.family == "vanilla":
+        raise ConfigError("eval.recursions needs a recursive or MoR run (this one is vanilla)")
+    if n < 1:
+        raise ConfigError(f"eval.recursions entries must be >= 1 (got {n})")
+    n_old = cfg.num_recursions
+    pre, block, coda = layout(cfg)
+    cfg.num_recursions, cfg.block_layers = n, block
+    cfg.n_layers = max(cfg.n_layers, pre + coda + n)  # validate(): N_r <= layers available to share
+    if cfg.family == "mor" and cfg.router.capacity is not None:
+        caps = list(cfg.router.capacity)
+        cfg.router.capacity = (caps + [caps[-1]] * n)[:n]
+    p = next(model.parameters())
+    new = build_model(cfg).to(device=p.device, dtype=p.dtype).eval()
+    router = getattr(new, "router", None)
+    lists: set[str] = set()
+    if router is not None and router.kind == "token":
+        old_r = model.router
+        router.scorer = copy.deepcopy(old_r.scorer)  # decides over the trained depths
+        for name in ("bias", "load_acc"):
+            setattr(router, name, getattr(old_r, name).clone())
+        router.plan = _capped_plan(router, n_old, n)
+    elif router is not None:
+        lists = {k for k, m in model.router.named_children() if isinstance(m, torch.nn.ModuleList)}
+    old_sd, new_sd = model.state_dict(), new.state_dict()
+    for key, t in new_sd.items():
+        src = key
+        parts = key.split(".")
+        if parts[0] == "router" and len(parts) > 2 and parts[1] in lists and parts[2].isdigit():
+            src = ".".join([*parts[:2], str(min(int(parts[2]), n_old - 1)), *parts[3:]])
+        o = old_sd.get(src)
+        if o is not None and o.shape == t.shape:
+            t.copy_(o)
+        elif o is not None and parts[0] == "router" and o.dim() and o.shape[0] == n_old and t.shape[0] == n:
+            t.copy_(o[torch.arange(n).clamp(max=n_old - 1)])  # per-recursion tensors (thresholds)
+        else:
+            raise ConfigError(
+                f"eval.recursions={n}: cannot map {key} from a model trained with {n_old} recursions "
+                f"(shape {tuple(t.shape)}, trained {None if o is None else tuple(o.shape)})"
+            )
+    return new
+
+
+def _capped_plan(router, n_old: int, n: int):
+    plan = router.plan
+
+    def capped(h1, aux, stats):
+        router.n_rec = n_old  # the scorer chooses among the trained depths
+        try:
+            choice, gate = plan(h1, aux, stats)
+        finally:
+            router.n_rec = n
+        if n > n_old:
+            return choice.masked_fill(choice == n_old - 1, n - 1), gate
+        return choice.clamp(max=n - 1), gate
+
+    return capped
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -324,6 +477,8 @@ def _check(cfg: EvalConfig) -> None:
         raise ConfigError(f"eval.limit={cfg.limit} must be >= 1 or null")
     if cfg.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"eval.dtype={cfg.dtype!r} is invalid: allowed float32, bfloat16, float16")
+    if cfg.recursions is not None and any(int(n) < 1 for n in cfg.recursions):
+        raise ConfigError(f"eval.recursions={list(cfg.recursions)} must hold recursion counts >= 1")
 
 
 def _lm_eval_rows(results: dict, names: list[str]) -> list[dict]:
@@ -436,10 +591,29 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig) -> list[dict]:
 
     if cfg.val_batches > 0:
         data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), run_cfg.data))
-        for metric, value, stderr, n in validation_nll(lm, data_cfg, cfg.val_batches, cfg.val_batch_size):
+        stats = validation_nll(lm, data_cfg, cfg.val_batches, cfg.val_batch_size, diagnostics=True)
+        for metric, value, stderr, n in stats:
             rows.append(
                 {"task": "val", "metric": metric, "value": value, "stderr": stderr, "n": n, "shots": None}
             )
+        for n_rec in cfg.recursions or []:  # test-time recursion scaling: recursions/<n>/nll[/<class>]
+            scaled = with_recursions(lm.model, n_rec)
+            for metric, value, stderr, n in validation_nll(
+                lm, data_cfg, cfg.val_batches, cfg.val_batch_size, diagnostics=True, model=scaled
+            ):
+                if (metric.startswith("nll") and not metric.startswith("nll/depth")) or metric.startswith(
+                    "depth_mean/"
+                ):
+                    rows.append(
+                        {
+                            "task": "val",
+                            "metric": f"recursions/{n_rec}/{metric}",
+                            "value": value,
+                            "stderr": stderr,
+                            "n": n,
+                            "shots": None,
+                        }
+                    )
 
     if names:
         from lm_eval import simple_evaluate

@@ -36,6 +36,7 @@ class MoRLM(TransformerLM):
         super().__init__(cfg)
         self.router = router_cls(cfg.router, cfg.d_model, cfg.num_recursions)
         self.router.apply(self._init_router)
+        self.router.bind(self)
         rec = slot_recursions(cfg)
         self.slots_pre = [s for s, r in enumerate(rec) if r < 0 and s < rec.index(0)]
         self.slots_rec = [[s for s, x in enumerate(rec) if x == r] for r in range(cfg.num_recursions)]

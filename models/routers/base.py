@@ -132,3 +132,10 @@ class Router(nn.Module):
 
     def post_step(self) -> None:
         """Called after each optimizer step (loss-free bias updates)."""
+
+    def bind(self, model: nn.Module) -> None:
+        """Called once by the model that owns this router, after construction.
+
+        A router that needs more than hidden states (e.g. the input token ids) registers hooks on
+        `model` here. Keep no reference to `model` as a module attribute (it would become a
+        submodule of the router, a cycle)."""

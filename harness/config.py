@@ -101,9 +101,13 @@ STAGES = ("train", "eval", "bench")
 
 
 def register_configs() -> None:
+    """Schemas, plus the sweep presets' resolvers and the Slurm launcher (harness/sweeps.py)."""
+    from .sweeps import register as register_sweeps
+
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
     cs.store(group="model/router", name="base_router", node=RouterConfig, package="model.router")
+    register_sweeps()
 
 
 def model_config_from(node: DictConfig | dict) -> ModelConfig:

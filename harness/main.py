@@ -15,8 +15,11 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import signal
 import sys
+import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -33,22 +36,30 @@ register_configs()
 
 
 class RunLock:
-    """Exclusive, non-blocking lock on <run_dir>/.lock (released when the process dies)."""
+    """Exclusive lock on <run_dir>/.lock (released when the process dies).
 
-    def __init__(self, run_dir: Path):
+    Tries for `wait_s` seconds (a `mor-status` probe holds a shared lock for an instant), then gives up:
+    another job is working on the run."""
+
+    def __init__(self, run_dir: Path, wait_s: float = 1.0):
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / ".lock"
         self.fd = None
+        self.wait_s = wait_s
 
     def __enter__(self) -> bool:
         self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            return False
-        return True
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(self.fd)
+                    self.fd = None
+                    return False
+                time.sleep(0.1)
 
     def __exit__(self, *exc):
         if self.fd is not None:
@@ -64,6 +75,64 @@ def resolve_run(cfg: DictConfig) -> Path:
     return run_dir_of(cfg)
 
 
+def _launch_rank() -> int:
+    """Global rank set by the launcher (torchrun's RANK, or Slurm's SLURM_PROCID in a multi-task job)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(os.environ.get("SLURM_PROCID", "0"))
+    return 0
+
+
+def record_job(cfg: DictConfig, run_dir: Path) -> None:
+    """overrides.yaml (what recreates this run: `mor-run <overrides>`) and slurm.json (job ids, per start)."""
+    if "train" in cfg.stages or not (run_dir / "overrides.yaml").exists():
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        text = OmegaConf.to_yaml(
+            {"overrides": overrides, "experiment": cfg.experiment, "run_name": cfg.run_name}
+        )
+        records.atomic_write_text(run_dir / "overrides.yaml", text)
+    env = os.environ
+    if "SLURM_JOB_ID" in env:
+        array = env.get("SLURM_ARRAY_JOB_ID")
+        job = f"{array}_{env['SLURM_ARRAY_TASK_ID']}" if array and "SLURM_ARRAY_TASK_ID" in env else None
+        current = {
+            "job": job or env["SLURM_JOB_ID"],  # the id squeue/scancel/sacct show
+            "job_id": env["SLURM_JOB_ID"],
+            "array_job_id": array,
+            "array_task_id": env.get("SLURM_ARRAY_TASK_ID"),
+            "restart_count": int(env.get("SLURM_RESTART_COUNT", "0")),
+            "ntasks": int(env.get("SLURM_NTASKS", "1")),
+            "node": env.get("SLURMD_NODENAME"),
+            "stages": list(cfg.stages),
+            "time": time.time(),
+        }
+        path = run_dir / "slurm.json"
+        history = (records.read_json(path).get("history", []) if path.exists() else [])[-49:]
+        records.write_json(path, {"current": current, "history": [*history, current]})
+
+
+def _after_preemption(e: Exception) -> None:
+    """Training stopped on a signal with a checkpoint saved. Under submitit, requeue or leave quietly.
+
+    SIGUSR1/SIGUSR2: hand over to the USR2 handler submitit installed (calls the launcher's
+    `checkpoint()`, `scontrol requeue`s the job, exits), as if the signal had come now. SIGTERM: Slurm is
+    stopping the job itself (scancel, preemption, `scontrol requeue`); exit without a result, so the
+    submitting process keeps waiting for a requeued job instead of reporting this attempt as failed.
+    Outside submitit the exception propagates: a rerun resumes from the checkpoint.
+    """
+    handler = signal.getsignal(signal.SIGUSR2)
+    owner = getattr(handler, "__self__", None)
+    if owner is None or not type(owner).__module__.startswith("submitit"):
+        return
+    signum = getattr(e, "signum", None)
+    if _launch_rank() != 0 or signum == signal.SIGTERM:
+        log.warning("%s; leaving it to Slurm", e)
+        raise SystemExit(1) from e
+    log.warning("%s; requeueing through submitit", e)
+    handler(signal.SIGUSR2, None)  # requeues and exits (or raises if out of requeues)
+
+
 def run(cfg: DictConfig) -> str:
     """Run the requested stages of one run; returns its final state (done/skipped/locked/trained...)."""
     bad = [s for s in cfg.stages if s not in STAGES]
@@ -74,7 +143,10 @@ def run(cfg: DictConfig) -> str:
         log.info("%s: DONE, skipping", run_dir)
         return "skipped"
     attempts_file = run_dir / "attempts.json"
-    with RunLock(run_dir) as locked:
+    # a data-parallel job runs this on every rank: rank 0 holds the lock and writes the markers, the
+    # other ranks only join training (evaluation and probes are single-process stages)
+    rank0 = _launch_rank() == 0
+    with RunLock(run_dir) if rank0 else nullcontext(True) as locked:
         if not locked:
             log.warning("%s is locked by another job; skipping", run_dir)
             return "locked"
@@ -82,11 +154,15 @@ def run(cfg: DictConfig) -> str:
         if attempts["failed"] >= cfg.train.max_retries:
             log.error("%s failed %d times (train.max_retries); not retrying", run_dir, attempts["failed"])
             return "failed"
+        if rank0:
+            record_job(cfg, run_dir)
         try:
             if "train" in cfg.stages:
                 from .train import train
 
                 train(cfg, run_dir)
+            if not rank0:
+                return "ran"
             if "eval" in cfg.stages:
                 from .evaluate import evaluate_run
 
@@ -98,7 +174,7 @@ def run(cfg: DictConfig) -> str:
         except Exception as e:
             from .train import Preempted
 
-            if not isinstance(e, Preempted | ConfigError):
+            if rank0 and not isinstance(e, Preempted | ConfigError):
                 attempts["failed"] += 1
                 records.write_json(attempts_file, attempts)
                 records.atomic_write_text(
@@ -114,7 +190,14 @@ def run(cfg: DictConfig) -> str:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> str:
-    return run(cfg)
+    try:
+        return run(cfg)
+    except Exception as e:
+        from .train import Preempted
+
+        if isinstance(e, Preempted):
+            _after_preemption(e)
+        raise
 
 
 def _with_stages(stages: str):

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import time
@@ -38,7 +39,14 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L
 
 
 class Preempted(Exception):
-    """Raised after a checkpoint was saved on SIGTERM/SIGUSR1; the job should be requeued."""
+    """Raised after a checkpoint was saved on SIGTERM/SIGUSR1/SIGUSR2; the job should be requeued.
+
+    `signum` is the signal that stopped training (harness.main hands SIGUSR1/SIGUSR2 to submitit's
+    requeue path when the job runs under submitit)."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum
 
 
 class NonFiniteLoss(RuntimeError):
@@ -57,12 +65,33 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device_kind: str) -> DistInfo:
-    """Rank/world from torchrun's variables or from Slurm (via submitit); no-op for one process."""
-    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        import submitit
+def _export_slurm_env() -> None:
+    """Set torch's env:// variables (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK) from Slurm's.
 
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    The values are the ones submitit's `TorchDistributedEnvironment` derives (first host of
+    SLURM_JOB_NODELIST, parsed by submitit; a port seeded by the job id unless MASTER_PORT is set),
+    but this works in any Slurm task, not only in submitit-launched jobs (`srun python -m harness.main`),
+    and variables that are already set win instead of raising."""
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    job = SlurmJobEnvironment()
+    port = os.environ.get("MASTER_PORT") or str(random.Random(job.job_id).randint(20000, 60000))
+    env = {
+        "MASTER_ADDR": job.hostnames[0],
+        "MASTER_PORT": port,
+        "RANK": str(job.global_rank),
+        "WORLD_SIZE": str(job.num_tasks),
+        "LOCAL_RANK": str(job.local_rank),
+        "LOCAL_WORLD_SIZE": str(job.num_tasks // job.num_nodes),
+    }
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+
+
+def init_distributed(device_kind: str) -> DistInfo:
+    """Rank/world from torchrun's variables or from Slurm's (`_export_slurm_env`); no-op for one process."""
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        _export_slurm_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return DistInfo()
@@ -164,14 +193,96 @@ def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict, list]:
     return tensors, sd["param_groups"]
 
 
-def save_checkpoint(run_dir: Path, step: int, model, opt, loaders_state: list, meta: dict, keep: int) -> Path:
+def _fully_shard(model) -> None:
+    """FSDP2: shard every block, then the rest (embeddings, norm, head, router) at the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def _is_sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _optim_param_names(model, opt) -> list[str]:
+    """Parameter name of each optimizer index (the numbering of `opt.state_dict()`)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for g in opt.param_groups for p in g["params"]]
+
+
+def gather_full_state(model, opt) -> tuple[dict, dict, list] | None:
+    """FSDP: (model tensors, optimizer tensors, param groups) of the whole model on rank 0, in the layout
+    `save_checkpoint` writes for an unsharded model (optimizer state keyed by parameter index; the models
+    tie embeddings functionally, so no tensor appears under two names). None on other ranks.
+    Collective: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=options)
+    osd = get_optimizer_state_dict(model, opt, options=options)
+    if dist.get_rank() != 0:
+        return None
+    index = {n: i for i, n in enumerate(_optim_param_names(model, opt))}
+    tensors = {f"{index[n]}.{k}": v.contiguous() for n, st in osd["state"].items() for k, v in st.items()}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in osd["param_groups"]]
+    return {k: v.contiguous() for k, v in msd.items()}, tensors, groups
+
+
+def _load_full_state(ckpt: Path, model, opt, meta: dict, tensors: dict) -> None:
+    """FSDP: rank 0 reads the full checkpoint and broadcasts it; every rank keeps its shards. Collective."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    msd, osd = {}, {}
+    if dist.get_rank() == 0:
+        msd = load_file(str(ckpt / records.MODEL_FILE))
+        names = _optim_param_names(model, opt)
+        state: dict[str, dict] = {}
+        for key, value in tensors.items():
+            if not key.startswith("rng."):
+                i, k = key.split(".", 1)
+                state.setdefault(names[int(i)], {})[k] = value
+        groups = [{**g, "params": [names[i] for i in g["params"]]} for g in meta["param_groups"]]
+        osd = {"state": state, "param_groups": groups}
+    set_model_state_dict(model, msd, options=options)
+    set_optimizer_state_dict(model, opt, osd, options=options)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model,
+    opt,
+    loaders_state: list,
+    meta: dict,
+    keep: int,
+    full_state: tuple | None = None,
+) -> Path:
+    """Write checkpoint `step` atomically. `full_state`: from `gather_full_state` (FSDP), else `model` and
+    `opt` are read directly."""
     root = run_dir / records.CHECKPOINTS
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(model, str(tmp / records.MODEL_FILE))
-    tensors, groups = _optim_tensors(opt)
+    if full_state is None:
+        save_model(model, str(tmp / records.MODEL_FILE))
+        tensors, groups = _optim_tensors(opt)
+    else:
+        weights, tensors, groups = full_state
+        save_file(weights, str(tmp / records.MODEL_FILE))
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -188,17 +299,22 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, loaders_state: list, m
 
 
 def load_checkpoint(ckpt: Path, model, opt, device) -> dict:
-    """Restore weights, optimizer, RNG; returns trainer.json. Safetensors + JSON only (no pickle)."""
+    """Restore weights, optimizer, RNG; returns trainer.json. Safetensors + JSON only (no pickle).
+
+    An FSDP-sharded model is restored collectively (every rank must call this)."""
     meta = records.read_json(ckpt / "trainer.json")
-    load_model(model, str(ckpt / records.MODEL_FILE), device=str(device))
     tensors = load_file(str(ckpt / "optim.safetensors"))
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("rng."):
-            continue
-        i, name = key.split(".", 1)
-        state.setdefault(int(i), {})[name] = value.to(device) if name != "step" else value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if _is_sharded(model):
+        _load_full_state(ckpt, model, opt, meta, tensors)
+    else:
+        load_model(model, str(ckpt / records.MODEL_FILE), device=str(device))
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("rng."):
+                continue
+            i, name = key.split(".", 1)
+            state.setdefault(int(i), {})[name] = value.to(device) if name != "step" else value
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
@@ -221,14 +337,33 @@ def validation_metrics(model, batches, device, autocast, calibrate_batches: int)
 
 # -- the loop ---------------------------------------------------------------------------------------
 class _Signals:
-    """SIGTERM/SIGUSR1 set a flag; the loop checkpoints at the end of the step and raises Preempted."""
+    """SIGTERM/SIGUSR1/SIGUSR2 set a flag; the loop checkpoints at the end of the step and raises Preempted.
+
+    SIGUSR2 is submitit's checkpoint signal (Slurm sends it `signal_delay_s` before the time limit).
+    submitit's own handler would requeue and exit at once, mid-step; it is held back here and restored
+    on exit, and harness.main calls it after the checkpoint. With several processes `hit` is agreed
+    across ranks (a max all-reduce), so every rank checkpoints at the same step. A signal that arrives
+    too late to act on (SIGUSR2 during the last step) is re-raised on exit for the restored handler, so
+    submitit still requeues.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self):
-        self.hit: int | None = None
+        self._hit: int | None = None
         self._old = {}
 
+    @property
+    def hit(self) -> int | None:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([self._hit or 0], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            return int(flag.item()) or None
+        return self._hit
+
     def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGUSR1):
+        for s in self.SIGNALS:
             try:
                 self._old[s] = signal.signal(s, self._set)
             except ValueError:  # not the main thread
@@ -236,11 +371,14 @@ class _Signals:
         return self
 
     def _set(self, signum, frame):
-        self.hit = signum
+        self._hit = signum
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
+        old = self._old.get(signal.SIGUSR2)
+        if self._hit == signal.SIGUSR2 and exc_type is None and callable(old):
+            signal.raise_signal(signal.SIGUSR2)  # not acted on: submitit's handler requeues
 
 
 def _wandb_init(cfg: DictConfig, run_dir: Path):
@@ -275,7 +413,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     info = init_distributed("cuda" if t.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
     device = resolve_device(t.device, info)
     torch.manual_seed(cfg.seed)
+    if info.world > 1 and not info.main:
+        dist.barrier()  # rank 0 first: it may train and cache a tokenizer that the others then load
     tok = load_tokenizer(cfg.data)
+    if info.world > 1 and info.main:
+        dist.barrier()
     mcfg = model_config_from(cfg.model)
     if tok.vocab_size > mcfg.vocab_size:
         raise ConfigError(
@@ -284,10 +426,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         )
     if cfg.data.seq_len > mcfg.max_seq_len:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={mcfg.max_seq_len}")
+    if t.parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.parallel={t.parallel!r} is invalid: allowed ddp, fsdp")
     wandb_run = _wandb_init(cfg, run_dir) if t.wandb and info.main else None
     model = build_model(mcfg).to(device)
     plan = plan_budget(cfg, model, info.world)
     autocast = autocast_for(t.precision, device)
+    fsdp = info.world > 1 and t.parallel == "fsdp"
+    if fsdp:
+        _fully_shard(model)  # before the optimizer is built: it must hold the sharded parameters
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -345,20 +492,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     if t.compile:
         model = torch.compile(model)
-    ddp = model
-    if info.world > 1:
-        if t.parallel == "fsdp":
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in model.layers:
-                fully_shard(layer)
-            ddp = fully_shard(model)
-        elif t.parallel == "ddp":
-            ddp = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None
-            )
-        else:
-            raise ConfigError(f"train.parallel={t.parallel!r} is invalid: allowed ddp, fsdp")
+    ddp = model  # FSDP shards in place (above); DDP wraps
+    if info.world > 1 and not fsdp:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     core = model._orig_mod if hasattr(model, "_orig_mod") else model
     val_batches = None
 
@@ -374,9 +512,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if info.world > 1:
             states = [None] * info.world
             dist.all_gather_object(states, loader.state_dict())
+        full = gather_full_state(core, opt) if fsdp else None  # collective
         if info.main:
             meta = {"world_size": info.world, "elapsed_s": elapsed, "finished": finished}
-            save_checkpoint(run_dir, step, core, opt, states, meta, t.keep_checkpoints)
+            save_checkpoint(run_dir, step, core, opt, states, meta, t.keep_checkpoints, full)
         if info.world > 1:
             dist.barrier()
 
@@ -400,7 +539,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             for micro in range(plan.accum):
                 batch = next(batches)
                 ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
-                sync = nullcontext() if info.world == 1 or micro == plan.accum - 1 else ddp.no_sync()
+                last_micro = micro == plan.accum - 1
+                sync = nullcontext() if info.world == 1 or last_micro or fsdp else ddp.no_sync()
+                if fsdp:  # reduce-scatter gradients once per step, like DDP's no_sync
+                    core.set_requires_gradient_sync(last_micro)
                 with sync, autocast:
                     out = ddp(ids, labels=labels)
                     total = out.loss + sum(out.aux_losses.values(), torch.zeros((), device=device))
@@ -468,7 +610,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 checkpoint(done_steps)
                 if sig.hit:
                     bar.close()
-                    raise Preempted(f"signal {sig.hit}: checkpoint saved at step {done_steps}")
+                    raise Preempted(f"signal {sig.hit}: checkpoint saved at step {done_steps}", sig.hit)
     bar.close()
     final = validation_metrics(core, get_val(), device, autocast, t.calibrate_batches)
     if hasattr(core, "router") and core.router.kind == "expert":  # thresholds saved with the weights

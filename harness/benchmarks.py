@@ -137,6 +137,8 @@ def eval_speed(size: dict, limit: int) -> dict:
             "ours": MoRLM.from_model(model, tok, batch_size=32),
             "hf": HFLM(pretrained=f"{d}/hf", device="cpu", batch_size=32, dtype="float32"),
         }
+        for lm in lms.values():  # warm-up: lm-eval's task building and first-call costs, untimed
+            simple_evaluate(model=lm, tasks=["demo_mc"], task_manager=tm, limit=8, bootstrap_iters=0)
         for name, lm in lms.items():
             t0 = time.perf_counter()
             res = simple_evaluate(

@@ -235,6 +235,17 @@ PAPER_TASK_COLUMNS = (
 AVG = Column(
     "Avg", "derived", compute=mean_of(*(c.label for c in PAPER_TASK_COLUMNS)), fmt=".1f", paper="avg"
 )
+# dead-token ratio (%): at evaluation when measured there, else the last training value
+DEAD_PCT = Column(
+    "Dead %",
+    "evals",
+    "dead_token_ratio",
+    where={"task": "val"},
+    scale=100.0,
+    fmt=".1f",
+    optional=True,
+    fallback=Column("Dead %", "metrics", "router/dead_token_ratio", scale=100.0),
+)
 NLL = Column(
     "NLL",
     "evals",
@@ -312,16 +323,7 @@ def _router_columns() -> tuple[Column, ...]:
         *per_class,
         Column("depth", "evals", "depth_mean/all", where={"task": "val"}, fmt=".2f", optional=True),
         *depth,
-        Column(
-            "Dead %",
-            "evals",
-            "dead_token_ratio",
-            where={"task": "val"},
-            scale=100.0,
-            fmt=".1f",
-            optional=True,
-            fallback=Column("Dead %", "metrics", "router/dead_token_ratio", scale=100.0),
-        ),
+        DEAD_PCT,
         Column("Samp-Acc %", "metrics", "router/sampling_acc_r*", scale=100.0, fmt=".1f", optional=True),
         *scaling,
     )
@@ -391,16 +393,7 @@ def _spec_list() -> list[TableSpec]:
                 RowKey("Warmup", "model.router.capacity_warmup_steps"),
             ),
             columns=(
-                Column(
-                    "Dead %",
-                    "evals",
-                    "dead_token_ratio",
-                    where={"task": "val"},
-                    scale=100.0,
-                    fmt=".1f",
-                    optional=True,
-                    fallback=Column("Dead %", "metrics", "router/dead_token_ratio", scale=100.0),
-                ),
+                DEAD_PCT,
                 Column(
                     "Samp-Acc %", "metrics", "router/sampling_acc_r*", scale=100.0, fmt=".1f", optional=True
                 ),

@@ -26,6 +26,22 @@ MICRO = [
 ]
 
 
+# the whole pipeline (train -> eval -> bench) in seconds: a few steps, a few eval docs and requests
+FAST_PIPELINE = [
+    *MICRO,
+    "train.budget.kind=steps",
+    "train.budget.value=8",
+    "train.log_every=2",
+    "eval.limit=8",
+    "eval.val_batches=2",
+    "eval.demo_docs=8",
+    "eval.bootstrap_iters=0",
+    "bench.num_requests=4",
+    "bench.gen_len_mean=6",
+    "bench.gen_len_std=1",
+]
+
+
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module

@@ -6,21 +6,9 @@ import csv
 
 from analysis.cli import main as tables_main
 from harness import records
-from tests.helpers import MICRO, ROOT, run_cli
+from tests.helpers import FAST_PIPELINE, ROOT, run_cli
 
-FAST = [
-    *MICRO,
-    "train.budget.kind=steps",
-    "train.budget.value=8",
-    "train.log_every=2",
-    "eval.limit=8",
-    "eval.val_batches=2",
-    "eval.demo_docs=8",
-    "eval.bootstrap_iters=0",
-    "bench.num_requests=4",
-    "bench.gen_len_mean=6",
-    "bench.gen_len_std=1",
-]
+FAST = FAST_PIPELINE
 
 
 def test_demo_pipeline_end_to_end(tmp_path):

@@ -24,24 +24,15 @@ import pytest
 
 from harness import records
 from harness.status import run_state
-from tests.helpers import MICRO, ROOT
+from tests.helpers import FAST_PIPELINE, MICRO, ROOT
 
 pytestmark = pytest.mark.slurm
 
 SLURM_CONF = ROOT / ".slurm" / "slurm.conf"
 START_HINT = "start it with `scripts/local_slurm.sh start`"
-FAST = [
-    *MICRO,
-    "train.budget.kind=steps",
+FAST = [o for o in FAST_PIPELINE if not o.startswith(("train.budget.value=", "train.log_every="))] + [
     "train.budget.value=20",
     "train.log_every=5",
-    "eval.limit=8",
-    "eval.val_batches=2",
-    "eval.demo_docs=8",
-    "eval.bootstrap_iters=0",
-    "bench.num_requests=4",
-    "bench.gen_len_mean=6",
-    "bench.gen_len_std=1",
 ]
 SWEEP = ["--multirun", "hydra/launcher=slurm_local", "model=vanilla,recursive,mor_expert", *FAST]
 

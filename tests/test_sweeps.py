@@ -22,21 +22,9 @@ from harness.status import main as status_main
 from harness.status import run_state
 from harness.sweeps import MorSlurmLauncher, check_batch, validate_resources
 from models import ConfigError
-from tests.helpers import MICRO, ROOT, run_cli
+from tests.helpers import FAST_PIPELINE, ROOT, run_cli
 
-FAST = [
-    *MICRO,
-    "train.budget.kind=steps",
-    "train.budget.value=8",
-    "train.log_every=2",
-    "eval.limit=8",
-    "eval.val_batches=2",
-    "eval.demo_docs=8",
-    "eval.bootstrap_iters=0",
-    "bench.num_requests=4",
-    "bench.gen_len_mean=6",
-    "bench.gen_len_std=1",
-]
+FAST = FAST_PIPELINE
 
 # Table 9 (reference/paper.md 6.1): training tokens (B) per (size, family, budget)
 TABLE9_TOKENS = {

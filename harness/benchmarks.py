@@ -214,7 +214,7 @@ def loader_speed(seq_len: int, batch: int) -> dict:
     return {"source": "synthetic", "seq_len": seq_len, "batch": batch, "tokens_per_s": tok_s}
 
 
-def probes(size_name: str, quick: bool) -> list[dict]:
+def probes(size_name: str, quick: bool, kinds: str = "decode,train,memory") -> list[dict]:
     from hydra import compose, initialize_config_module
 
     from .bench import run_bench
@@ -230,7 +230,7 @@ def probes(size_name: str, quick: bool) -> list[dict]:
                 overrides=[
                     f"model={m}",
                     f"size={size_name}",
-                    "bench.probes=[decode,train,memory]",
+                    f"bench.probes=[{kinds}]",
                     "bench.weights=random",
                     f"bench.batch_sizes={[4] if quick else [8, 32]}",
                     f"bench.num_requests={8 if quick else 64}",
@@ -269,6 +269,7 @@ def main() -> None:
         "loader_speed": lambda: loader_speed(256, 8),
         "decode_vs_hf": lambda: decode_vs_hf(size, 32, 32 if args.quick else 128),
         "probes": lambda: probes(args.size, args.quick),
+        "train_probes_tiny": lambda: probes("tiny", args.quick, "train"),  # per family, next to `small`
     }
     for name, fn in benches.items():  # each file is written as soon as its numbers exist
         value = fn()

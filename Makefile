@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-slow test-slurm bench lint format clean-demo
+.PHONY: venv demo routers test test-slow test-slurm bench lint format clean-demo
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: venv
 	$(BIN)/mor-tables results/runs/demo --out results/demo --tables demo --plots loss_vs_flops
 	cp results/demo/tables/demo.md results/demo/table.md
 	cp results/demo/tables/demo.csv results/demo/table.csv
+
+# All routers at equal compute on the embedded data: one table and the depth diagnostics plot.
+routers: venv
+	$(BIN)/mor-run --multirun experiment=routers
+	$(BIN)/mor-tables results/runs/routers --out results/routers --tables routers --plots router_depth
 
 test: venv
 	$(BIN)/python -m pytest -q

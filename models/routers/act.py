@@ -45,10 +45,7 @@ class HaltingRouter(ExpertChoiceRouter):
                 f"model.router.inference={cfg.inference!r} is invalid for act: halting is causal by "
                 "construction; allowed threshold"
             )
-        params = dict(cfg.params or {})
-        unknown = set(params) - {"eps"}
-        if unknown:
-            raise ConfigError(f"model.router.params has unknown keys {sorted(unknown)} for act: allowed eps")
+        params = self.read_params("eps")
         self.eps = float(params.get("eps", 0.01))
         if not 0 < self.eps < 1:
             raise ConfigError(f"model.router.params.eps={self.eps} must lie in (0, 1)")

@@ -111,6 +111,18 @@ class Router(nn.Module):
             raise ConfigError(f"model.router.temperature={cfg.temperature} must be > 0")
         self.step = 0  # optimizer step, set by the trainer (capacity/balancing warm-ups)
 
+    def read_params(self, *allowed: str) -> dict:
+        """`model.router.params` after checking every key is one this router knows."""
+        params = dict(self.cfg.params or {})
+        unknown = set(params) - set(allowed)
+        if unknown:
+            name = self.registered_name or type(self).__name__
+            keys = ", ".join(allowed)
+            raise ConfigError(
+                f"model.router.params has unknown keys {sorted(unknown)} for {name}: allowed {keys}"
+            )
+        return params
+
     def score(self, h: Tensor, r: int) -> Tensor:
         """Router logits for hidden states h [B, T, d] at recursion r. Override this."""
         raise NotImplementedError

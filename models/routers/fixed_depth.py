@@ -26,12 +26,7 @@ class FixedDepthRouter(ExpertChoiceRouter):
 
     def __init__(self, cfg, d_model, num_recursions):
         super().__init__(cfg, d_model, num_recursions)
-        params = dict(cfg.params or {})
-        unknown = set(params) - {"depth"}
-        if unknown:
-            raise ConfigError(
-                f"model.router.params has unknown keys {sorted(unknown)} for fixed_depth: allowed depth"
-            )
+        params = self.read_params("depth")
         if cfg.capacity is not None:
             raise ConfigError("model.router.capacity must be null for fixed_depth (set params.depth)")
         k = params.get("depth", 2)

@@ -34,12 +34,7 @@ DEFAULT_CAPACITY = 2 / 3
 class MixtureOfDepthsRouter(ExpertChoiceRouter):
     def __init__(self, cfg, d_model, num_recursions):
         super().__init__(cfg, d_model, num_recursions)
-        params = dict(cfg.params or {})
-        unknown = set(params) - {"capacity"}
-        if unknown:
-            raise ConfigError(
-                f"model.router.params has unknown keys {sorted(unknown)} for mod: allowed capacity"
-            )
+        params = self.read_params("capacity")
         if "capacity" in params:
             if cfg.capacity is not None:
                 raise ConfigError(

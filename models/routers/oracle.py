@@ -82,12 +82,7 @@ class OracleRouter(TokenChoiceRouter):
         super().__init__(cfg, d_model, num_recursions)
         from harness.data import TOKEN_CLASSES
 
-        params = dict(cfg.params or {})
-        unknown = set(params) - {"depth"}
-        if unknown:
-            raise ConfigError(
-                f"model.router.params has unknown keys {sorted(unknown)} for oracle: allowed depth"
-            )
+        params = self.read_params("depth")
         depth = {**DEFAULT_DEPTH, **dict(params.get("depth") or {})}
         bad = set(depth) - set(TOKEN_CLASSES)
         if bad:

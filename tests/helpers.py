@@ -42,6 +42,20 @@ FAST_PIPELINE = [
 ]
 
 
+def kill_after_checkpoint(proc, trainer_json: Path, timeout: float = 240) -> None:
+    """SIGKILL a training process as soon as a checkpoint is complete (its trainer.json exists)."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while not trainer_json.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert trainer_json.exists(), proc.stderr.read() if proc.poll() is not None else "no checkpoint in time"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module

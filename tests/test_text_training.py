@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 from harness import records
 from harness.config import model_config_from
 from harness.data import load_tokenizer, synthetic_documents
 from harness.train import plan_budget
 from models import build_model
-from tests.helpers import MICRO, ROOT, compose
+from tests.helpers import MICRO, ROOT, compose, kill_after_checkpoint
 
 STEPS = 16
 
@@ -78,13 +76,7 @@ def test_text_files_budgeted_run_resumes_exactly_after_sigkill(tmp_path):
     ref = _spawn(["stages=[train]", *_args(ref_root, corpus, budget)])
     cut = _spawn(["stages=[train]", *_args(cut_root, corpus, budget)])
     ckpt = cut_root / "default" / "t" / "checkpoints" / "step_00000005" / "trainer.json"
-    deadline = time.time() + 240
-    while not ckpt.exists() and time.time() < deadline and cut.poll() is None:
-        time.sleep(0.02)
-    assert ckpt.exists(), cut.stderr.read() if cut.poll() is not None else "no checkpoint in time"
-    cut.send_signal(signal.SIGKILL)
-    cut.wait()
-    assert cut.returncode == -signal.SIGKILL
+    kill_after_checkpoint(cut, ckpt)
     assert len(_losses(cut_root / "default" / "t")) < STEPS, "the run finished before it could be killed"
     assert ref.wait(timeout=240) == 0, ref.stderr.read()
     resumed = _spawn(["stages=[train]", *_args(cut_root, corpus, budget)])

@@ -17,7 +17,7 @@ from harness.config import run_dir_of
 from harness.main import run
 from harness.train import NonFiniteLoss, lr_at, plan_budget, train
 from models import ConfigError, build_model
-from tests.helpers import MICRO, ROOT, compose
+from tests.helpers import MICRO, ROOT, compose, kill_after_checkpoint
 
 
 def _model(cfg):
@@ -118,13 +118,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     ref = _spawn(_cli_args(ref_root))
     cut = _spawn(_cli_args(cut_root))
     ckpt = cut_root / "default" / "r" / "checkpoints" / "step_00000005" / "trainer.json"
-    deadline = time.time() + 240
-    while not ckpt.exists() and time.time() < deadline and cut.poll() is None:
-        time.sleep(0.02)
-    assert ckpt.exists(), cut.stderr.read() if cut.poll() is not None else "no checkpoint in time"
-    cut.send_signal(signal.SIGKILL)
-    cut.wait()
-    assert cut.returncode == -signal.SIGKILL
+    kill_after_checkpoint(cut, ckpt)
     partial = _losses(cut_root / "default" / "r")
     assert len(partial) < 30, "the run finished before it could be killed"
     assert ref.wait(timeout=240) == 0, ref.stderr.read()

@@ -28,6 +28,7 @@ class RouterConfig:
     alpha: float = 0.1  # gate scale after func (paper: 0.1 expert, 1.0 token)
     temperature: float = 1.0  # divides the router logits
     capacity: list[float] | None = None  # expert-choice per-recursion capacity; None -> (N_r-r+1)/N_r
+    capacity_factor: float | None = None  # token-choice: static slots per recursion (see README)
     capacity_warmup_steps: int = 0  # cosine anneal of capacity from 1.0 to target over these steps
     aux_loss: str = "bce"  # expert: bce | aux_router | none ; token: balance | loss_free | none
     aux_coeff: float = 0.001  # weight of the BCE (expert) or balancing (token) loss

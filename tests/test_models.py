@@ -6,6 +6,7 @@ sequences of 12-32 tokens); the paper-size checks build on the meta device, so t
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -582,6 +583,38 @@ def test_table2_kv_memory_ratios(n_r):
     assert sharing / ref == pytest.approx(1 / n_r)
 
 
+def test_token_choice_capacity_factor_bounds_slots_first_come():
+    """Training under cf: recursion r computes ceil(cf * share_r * T) slots; over-bound tokens are
+    the latest ones and stop early; without cf (or at eval) every token reaches its chosen depth."""
+    cf = 1.0
+    model = make(mor(RouterConfig(**{**TOKEN.__dict__, "capacity_factor": cf})), train=True)
+    ids = ids_(4, 30)
+    with torch.no_grad():
+        x = model.embed_tokens(ids)
+        pos = torch.arange(30).expand(4, -1)
+        h1 = model.run_slots(x, pos, model.slots_pre, None, 0)
+        plan = model.router.plan(h1, {}, {})
+        choice = plan[0]
+        prev = torch.ones_like(ids, dtype=torch.bool)
+        dropped_any = False
+        for r in range(3):
+            stats = {}
+            sel = model.router.select(r, h1, prev, plan, {}, stats)
+            k = math.ceil(cf * (3 - r) / 3 * 30)
+            assert sel.idx.shape[1] == k  # static width
+            chosen = prev & (choice >= r)
+            rank = chosen.long().cumsum(1)  # 1-based rank among this row's chosen tokens
+            assert torch.equal(sel.active, chosen & (rank <= k))  # the earliest k stay
+            assert stats[f"router/dropped_r{r}"] == pytest.approx((chosen & ~sel.active).float().mean().item())
+            dropped_any |= bool((chosen & ~sel.active).any())
+            prev = sel.active
+        assert dropped_any, "an untrained router is unbalanced: cf=1 must drop some tokens here"
+        assert model.router.capacities() == [1.0, 2 / 3, 1 / 3]
+        model.eval()  # inference: exact, nothing dropped
+        sel = model.router.select(1, h1, torch.ones_like(prev), plan, {}, {})
+        assert torch.equal(sel.active, choice >= 1)
+
+
 # -- torch.compile ----------------------------------------------------------------------------------
 
 
@@ -597,6 +630,13 @@ def _compile_checks(backend: str):
     assert set(out.aux_losses) == set(ref.aux_losses) and set(out.stats) == set(ref.stats)
     (out.loss + sum(out.aux_losses.values())).backward()
     assert model.router.scorers[2].weight.grad is not None
+    # token-choice: a capacity factor gives static slot counts, so no host sync either
+    token = make(mor(RouterConfig(**{**TOKEN.__dict__, "capacity_factor": 1.5}), **small, n_layers=5), train=True)
+    ref = token(ids, labels=ids)
+    out = torch.compile(token, fullgraph=True, backend=backend)(ids, labels=ids)
+    assert torch.allclose(out.loss, ref.loss, atol=1e-5) and set(out.stats) == set(ref.stats)
+    (out.loss + sum(out.aux_losses.values())).backward()
+    assert token.router.scorer.weight.grad is not None
     vanilla = make(tiny(**small, n_layers=2))
     compiled = torch.compile(vanilla, fullgraph=True, backend=backend)
     with torch.no_grad():
@@ -647,6 +687,11 @@ BAD = [
     (dict(family="mor", num_recursions=2, router=RouterConfig(aux_loss="balance")), "model.router.aux_loss"),
     (dict(family="mor", num_recursions=2, router=RouterConfig(arch="deep")), "model.router.arch"),
     (dict(family="mor", num_recursions=2, router=RouterConfig(func="relu")), "model.router.func"),
+    (
+        dict(family="mor", num_recursions=2, router=RouterConfig(**{**TOKEN.__dict__, "capacity_factor": 0.8})),
+        "model.router.capacity_factor",
+    ),
+    (dict(family="mor", num_recursions=2, router=RouterConfig(capacity_factor=1.5)), "model.router.capacity_factor"),
     (dict(family="vanilla", num_recursions=2), "model.num_recursions"),
     (dict(family="vanilla", kv="share"), "model.kv"),
 ]

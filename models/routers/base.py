@@ -81,10 +81,15 @@ class Selection:
     gate: Tensor | None  # [B, K] per-recursion gate (expert-choice); None when applied at the end
 
 
-def compact(active: Tensor) -> tuple[Tensor, Tensor]:
-    """Indices of active tokens first, in position order, padded to the batch's max count (host sync)."""
-    K = int(active.sum(1).max())
-    order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :K]
+def compact(active: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
+    """Indices of active tokens first, in position order, and which of them are real (not padding).
+
+    Width `k` (static, no host sync): rows with more than k active tokens keep their first k (the
+    earliest positions, so a token's fate depends only on earlier tokens: causal). Width None: the
+    batch's max count (one host sync, nothing dropped)."""
+    if k is None:
+        k = int(active.sum(1).max())
+    order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, : min(k, active.shape[1])]
     return order, torch.gather(active, 1, order)
 
 

@@ -41,6 +41,11 @@ class ExpertChoiceRouter(Router):
             )
         if any(not 0 < c <= 1 for c in caps) or any(a < b for a, b in zip(caps, caps[1:])):
             raise ConfigError(f"model.router.capacity={caps} must be non-increasing and within (0, 1]")
+        if cfg.capacity_factor is not None:
+            raise ConfigError(
+                "model.router.capacity_factor is a token-choice knob; expert-choice sets "
+                "model.router.capacity (set it to null)"
+            )
         if cfg.inference not in INFERENCE_RULES:
             raise ConfigError(
                 f"model.router.inference={cfg.inference!r} is invalid: allowed {', '.join(INFERENCE_RULES)}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -587,7 +588,7 @@ def test_token_choice_capacity_factor_bounds_slots_first_come():
     """Training under cf: recursion r computes ceil(cf * share_r * T) slots; over-bound tokens are
     the latest ones and stop early; without cf (or at eval) every token reaches its chosen depth."""
     cf = 1.0
-    model = make(mor(RouterConfig(**{**TOKEN.__dict__, "capacity_factor": cf})), train=True)
+    model = make(mor(replace(TOKEN, capacity_factor=cf)), train=True)
     ids = ids_(4, 30)
     with torch.no_grad():
         x = model.embed_tokens(ids)
@@ -605,7 +606,9 @@ def test_token_choice_capacity_factor_bounds_slots_first_come():
             chosen = prev & (choice >= r)
             rank = chosen.long().cumsum(1)  # 1-based rank among this row's chosen tokens
             assert torch.equal(sel.active, chosen & (rank <= k))  # the earliest k stay
-            assert stats[f"router/dropped_r{r}"] == pytest.approx((chosen & ~sel.active).float().mean().item())
+            assert stats[f"router/dropped_r{r}"] == pytest.approx(
+                (chosen & ~sel.active).float().mean().item()
+            )
             dropped_any |= bool((chosen & ~sel.active).any())
             prev = sel.active
         assert dropped_any, "an untrained router is unbalanced: cf=1 must drop some tokens here"
@@ -631,7 +634,7 @@ def _compile_checks(backend: str):
     (out.loss + sum(out.aux_losses.values())).backward()
     assert model.router.scorers[2].weight.grad is not None
     # token-choice: a capacity factor gives static slot counts, so no host sync either
-    token = make(mor(RouterConfig(**{**TOKEN.__dict__, "capacity_factor": 1.5}), **small, n_layers=5), train=True)
+    token = make(mor(replace(TOKEN, capacity_factor=1.5), **small, n_layers=5), train=True)
     ref = token(ids, labels=ids)
     out = torch.compile(token, fullgraph=True, backend=backend)(ids, labels=ids)
     assert torch.allclose(out.loss, ref.loss, atol=1e-5) and set(out.stats) == set(ref.stats)
@@ -688,10 +691,13 @@ BAD = [
     (dict(family="mor", num_recursions=2, router=RouterConfig(arch="deep")), "model.router.arch"),
     (dict(family="mor", num_recursions=2, router=RouterConfig(func="relu")), "model.router.func"),
     (
-        dict(family="mor", num_recursions=2, router=RouterConfig(**{**TOKEN.__dict__, "capacity_factor": 0.8})),
+        dict(family="mor", num_recursions=2, router=replace(TOKEN, capacity_factor=0.8)),
         "model.router.capacity_factor",
     ),
-    (dict(family="mor", num_recursions=2, router=RouterConfig(capacity_factor=1.5)), "model.router.capacity_factor"),
+    (
+        dict(family="mor", num_recursions=2, router=RouterConfig(capacity_factor=1.5)),
+        "model.router.capacity_factor",
+    ),
     (dict(family="vanilla", num_recursions=2), "model.num_recursions"),
     (dict(family="vanilla", kv="share"), "model.kv"),
 ]

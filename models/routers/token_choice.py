@@ -18,6 +18,7 @@ the paper's rule): nothing is dropped and each recursion costs one host sync to 
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F

@@ -137,24 +137,33 @@ class _Seg:
             self.mask = zero.masked_fill(~keep, float("-inf"))
 
 
+def _seg_kind(slab: int, rows: np.ndarray) -> str:
+    if len(rows) == slab and (rows == np.arange(slab)).all():
+        return "identity"
+    # reading the whole slab in place beats copying half of it (measured, CPU)
+    return "slab" if 2 * len(rows) >= slab else "gather"
+
+
 def _seg(pack: _Pack, a: int, b: int, lo: int, slab: int, rows: np.ndarray, counts: np.ndarray) -> _Seg:
     """Plan how items [a:b] (slab rows `rows`, keys `counts`) read buffer rows [lo:lo+slab]."""
-    n, L = b - a, int(counts.max())
-    seg = _Seg(a, b, lo, lo + slab, L)
-    if n == slab and (rows == np.arange(slab)).all():
-        seg._i = ("identity", -1, pack.put(counts))
-    elif 2 * n >= slab:  # reading the whole slab in place beats copying half of it (measured, CPU)
+    seg = _Seg(a, b, lo, lo + slab, int(counts.max()))
+    kind = _seg_kind(slab, rows)
+    if kind == "identity":
+        seg._i = (kind, -1, pack.put(counts))
+    elif kind == "slab":
         full = np.ones(slab, dtype=np.int64)
         full[rows] = counts
-        seg._i = ("slab", pack.put(rows), pack.put(full))
+        seg._i = (kind, pack.put(rows), pack.put(full))
     else:
-        seg._i = ("gather", pack.put(rows + lo), pack.put(counts))
+        seg._i = (kind, pack.put(rows + lo), pack.put(counts))
     return seg
 
 
 class FastLayer:
     """A Block's weights arranged for single-token decoding: Q/K/V and gate/up projections fused
-    into one matrix each when `fuse` (a copy of those weights; fewer, larger matmuls)."""
+    into one matrix each when `fuse` (a copy of those weights; fewer, larger matmuls), with the
+    attention scale 1/sqrt(head_dim) folded into the query rows (RoPE is linear, so the scores are
+    the same and one kernel per layer goes)."""
 
     def __init__(self, layer, fuse: bool):
         a, mlp = layer.self_attn, layer.mlp
@@ -162,8 +171,10 @@ class FastLayer:
         self.n1, self.n2 = layer.input_layernorm, layer.post_attention_layernorm
         self.wo, self.wd = a.o_proj.weight, mlp.down_proj.weight
         self.fused = fuse
+        self.q_scale = 1.0 if fuse else self.hd**-0.5  # left to apply to the scores
         if fuse:
-            self.wqkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
+            wq = a.q_proj.weight * self.hd**-0.5
+            self.wqkv = torch.cat([wq, a.k_proj.weight, a.v_proj.weight]).detach()
             self.wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
             nq, nk = self.H * self.hd, self.kvh * self.hd
             self.wq = self.wqkv[:nq]  # row slices are views: partial projections under KV sharing
@@ -191,9 +202,9 @@ class FastLayer:
 
 
 def rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
-    """models.layers.apply_rope, bit-identical, in 4 kernels: rotate_half(x) * sin equals
-    roll(x, hd/2) * sin_signed with sin_signed = cat(-sin[:hd/2], sin[hd/2:])."""
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+    """models.layers.apply_rope in 3 kernels: rotate_half(x) * sin equals roll(x, hd/2) * sin_signed
+    with sin_signed = cat(-sin[:hd/2], sin[hd/2:]) (same math; addcmul may round differently)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
 
 
 def decode_layer(
@@ -241,12 +252,12 @@ def decode_layer(
                 qs = q.new_zeros(sg.hi - sg.lo, H, 1, hd).index_copy_(0, sg.sidx, qs)
         if sg.mask.dtype == torch.bool:  # fused kernel (GPU)
             o = F.scaled_dot_product_attention(
-                qs, ks.to(q.dtype), vs.to(q.dtype), attn_mask=sg.mask, enable_gqa=kvh != H
+                qs, ks.to(q.dtype), vs.to(q.dtype), attn_mask=sg.mask, enable_gqa=kvh != H, scale=fl.q_scale
             )
         else:  # q-length-1 attention as two batched matmuls: ~20% faster than SDPA on CPU
             m = qs.shape[0]
             sc = torch.matmul(qs.view(m, kvh, H // kvh, hd), ks.to(q.dtype).transpose(-1, -2))
-            sc = sc.mul_(hd**-0.5).add_(sg.mask)
+            sc = (sc.mul_(fl.q_scale) if fl.q_scale != 1.0 else sc).add_(sg.mask)
             o = torch.matmul(torch.softmax(sc, -1), vs.to(q.dtype)).view(m, H, 1, hd)
         outs.append(o if sg.sidx is None else o.index_select(0, sg.sidx))
     o = outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -749,6 +760,8 @@ class DepthWiseEngine(DecodeEngine):
                 it = [pack.put(v) for v in (items, fed[items] - 1, widx, nxt)]
                 if self.share:  # every item reads its slot's recursion-0 stack: one slab
                     segs = [_seg(pack, 0, n, 0, S, items, count)]
+                elif len(depths) > 1 and all(_seg_kind(S, items[i:j]) == "gather" for _, i, j in depths):
+                    segs = [_seg(pack, 0, n, 0, self.R * S, w_row, count)]  # one gather from every stack
                 else:  # recursion r reads stack rows [r*S, (r+1)*S)
                     segs = [_seg(pack, i, j, rr * S, S, items[i:j], count[i:j]) for rr, i, j in depths]
                 parts = pack.upload(self.device)

@@ -129,14 +129,15 @@ def test_greedy_engine_equals_cached_and_full_forward_decoding(name):
 @torch.no_grad()
 def test_mor_depth_zero_exits_and_every_read_mode():
     """A finite recursion-0 threshold (decisions come back through the sync before a token enters
-    the block), more sequences than block slots, and identity / slab / gather cache reads."""
+    the block), more sequences than block slots, and identity / slab / gather cache reads, and items of several
+    depths gathered from every recursion stack at once."""
     model = build(mor(kv="cache"))
     kinds = []
     orig = engine_mod._seg
 
     def spy(*a, **k):
         seg = orig(*a, **k)
-        kinds.append(seg._i[0])
+        kinds.append(seg._i[0] if seg.hi - seg.lo <= 8 else "merged")  # merged: spans every stack
         return seg
 
     engine_mod._seg = spy
@@ -154,7 +155,7 @@ def test_mor_depth_zero_exits_and_every_read_mode():
         assert eng.stats["depth_counts"][0] > 0
     finally:
         engine_mod._seg = orig
-    assert {"identity", "slab", "gather"} <= set(kinds), set(kinds)
+    assert {"identity", "slab", "gather", "merged"} <= set(kinds), set(kinds)
 
 
 @pytest.mark.parametrize("name", ["vanilla", "mor-expert-cache", "mor-token-share"])

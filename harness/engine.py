@@ -26,18 +26,21 @@ current recursion depth r. Each engine step
 3. one host sync: the routing decisions come back (they schedule the next step). Token ids stay on
    the device until the end of `run()`.
 
-Cache layout. Every attention buffer is `[rows, n_kv, max_len, head_dim]`, allocated once. The
-unique first/last layers have one row per sequence slot (every token is cached at its position).
-Shared-block layer j has one buffer stacking all recursions: row `r * seq_slots + s` holds the
-tokens of sequence slot s that were active at recursion r (recursion-wise caching), each written at
-that row's own length; under recursive KV sharing only the recursion-0 stack exists and later
-recursions read it without projecting K/V. The host knows every length, so masks are
-`arange(L) < count` with L the step's longest (a Python int: caches are sliced to the active bound).
-Keys carry RoPE of their absolute positions, so a compacted recursion cache needs no position table.
+Cache layout. Every attention buffer is `[seq_slots, n_kv, columns, head_dim]`, one row per sequence
+slot, allocated once. The unique first/last layers have max_len columns (every token is cached at
+its position). Shared-block layer j has one buffer with a column region per recursion: region r
+(columns off[r] .. off[r] + W[r]) holds the tokens of the slot that were active at recursion r
+(recursion-wise caching), written at the region's own length. W[0] = max_len and W[r] = capacity_r x
+max_len x (1 + kv_slack), so the allocation itself shows the (N_r + 1) / 2N_r saving; a sequence whose
+tokens go deeper than that widens the region (a copy into a wider buffer, counted in
+stats["kv_grows"]). Under recursive KV sharing only region 0 exists and later recursions read it
+without projecting K/V. The host knows every length, so masks are `arange(L) < count` with L the
+step's longest (a Python int: caches are sliced to the active bound). Keys carry RoPE of their
+absolute positions, so a compacted recursion cache needs no position table.
 
-Reading (row, recursion) caches of a batch of items, per recursion segment of the step (`_seg`):
-*identity* (the items are exactly the rows of that stack, in order: read in place), *slab* (at
-least half of the stack's rows are items: attend over the whole stack in place with zero queries
+Reading the caches of a batch of items, per recursion segment of the step (`_seg`, one region):
+*identity* (the items are exactly the slot rows, in order: read in place), *slab* (at least half
+of the rows are items: attend over all rows in place with zero queries
 on the other rows and drop their outputs), or *gather* (copy just the items' rows). No loop over
 tokens; the only Python loops in a step are over layers and (at most N_r) recursion segments.
 
@@ -103,7 +106,7 @@ class _Pack:
 
 @dataclass
 class _Seg:
-    """Items [a:b] of a step read keys from buffer rows [lo:hi] (first L columns).
+    """Items [a:b] of a step read keys from buffer rows [lo:hi], columns [c0:c0+L].
 
     identity (sidx and gather None): the items are rows lo..hi-1 in order, read in place;
     slab (sidx): item i sits at slab row sidx[i]; the whole slab is attended in place (no copy) with
@@ -116,6 +119,7 @@ class _Seg:
     lo: int
     hi: int
     L: int
+    c0: int = 0
     sidx: Tensor | None = None
     gather: Tensor | None = None
     mask: Tensor | None = None
@@ -144,9 +148,12 @@ def _seg_kind(slab: int, rows: np.ndarray) -> str:
     return "slab" if 2 * len(rows) >= slab else "gather"
 
 
-def _seg(pack: _Pack, a: int, b: int, lo: int, slab: int, rows: np.ndarray, counts: np.ndarray) -> _Seg:
-    """Plan how items [a:b] (slab rows `rows`, keys `counts`) read buffer rows [lo:lo+slab]."""
-    seg = _Seg(a, b, lo, lo + slab, int(counts.max()))
+def _seg(
+    pack: _Pack, a: int, b: int, lo: int, slab: int, rows: np.ndarray, counts: np.ndarray, c0: int = 0
+) -> _Seg:
+    """Plan how items [a:b] (slab rows `rows`, keys `counts`) read buffer rows [lo:lo+slab] from
+    column c0 on."""
+    seg = _Seg(a, b, lo, lo + slab, int(counts.max()), c0)
     kind = _seg_kind(slab, rows)
     if kind == "identity":
         seg._i = (kind, -1, pack.put(counts))
@@ -243,11 +250,12 @@ def decode_layer(
     outs = []
     for sg in segs:
         qs = q if len(segs) == 1 else q[sg.a : sg.b]
+        cols = slice(sg.c0, sg.c0 + sg.L)
         if sg.gather is not None:
-            ks = kb[:, :, : sg.L].index_select(0, sg.gather)  # (faster than kb[rows, :, :L])
-            vs = vb[:, :, : sg.L].index_select(0, sg.gather)
+            ks = kb[:, :, cols].index_select(0, sg.gather)  # (faster than kb[rows, :, cols])
+            vs = vb[:, :, cols].index_select(0, sg.gather)
         else:
-            ks, vs = kb[sg.lo : sg.hi, :, : sg.L], vb[sg.lo : sg.hi, :, : sg.L]
+            ks, vs = kb[sg.lo : sg.hi, :, cols], vb[sg.lo : sg.hi, :, cols]
             if sg.sidx is not None:
                 qs = q.new_zeros(sg.hi - sg.lo, H, 1, hd).index_copy_(0, sg.sidx, qs)
         if sg.mask.dtype == torch.bool:  # fused kernel (GPU)
@@ -310,8 +318,8 @@ class DecodeEngine:
         self.bias_dtype = None if attention == "sdpa" else self.dtype
         self.stats: dict = {}
 
-    def _buf(self, rows: int) -> tuple[Tensor, Tensor]:
-        shape = (rows, self.cfg.n_kv_heads, self.max_len, self.cfg.head_dim)
+    def _buf(self, rows: int, cols: int | None = None) -> tuple[Tensor, Tensor]:
+        shape = (rows, self.cfg.n_kv_heads, cols or self.max_len, self.cfg.head_dim)
         z = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)
         return z(), z()
 
@@ -326,10 +334,11 @@ class DecodeEngine:
     def extra_weight_bytes(self) -> int:
         return sum(f.extra_bytes() for f in self.fast.values())
 
-    def _widx(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """Flat [-1, head_dim] indices of (row, every kv head, col) in a [rows, n_kv, max_len, hd] buffer."""
-        kvh = self.cfg.n_kv_heads
-        return ((rows[:, None] * kvh + np.arange(kvh)) * self.max_len + cols[:, None]).reshape(-1)
+    def _widx(self, rows: np.ndarray, cols: np.ndarray, width: int | None = None) -> np.ndarray:
+        """Flat [-1, head_dim] indices of (row, every kv head, col) in a [rows, n_kv, width, hd]
+        buffer (width: max_len by default)."""
+        kvh, width = self.cfg.n_kv_heads, width or self.max_len
+        return ((rows[:, None] * kvh + np.arange(kvh)) * width + cols[:, None]).reshape(-1)
 
     def _rope(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         hd = self.cos.shape[-1]
@@ -502,10 +511,14 @@ class DepthWiseEngine(DecodeEngine):
         max_len: int,
         seq_slots: int | None = None,
         flush_at: int | None = None,
+        kv_slack: float = 0.25,
         **kw,
     ):
         super().__init__(model, batch_size, max_len, **kw)
         from models.routers.expert_choice import CAUSAL_RULES, ExpertChoiceRouter
+
+        if kv_slack < 0:
+            raise ConfigError(f"kv_slack={kv_slack} must be >= 0")
 
         if not model.causal:
             raise ConfigError(
@@ -527,10 +540,16 @@ class DepthWiseEngine(DecodeEngine):
         self.block = [self.fast[id(layers[sched[s]])] for s in model.slots_rec[0]]
         for r in range(self.N):  # cycle sharing: recursion r applies the same layers
             assert [sched[s] for s in model.slots_rec[r]] == [sched[s] for s in model.slots_rec[0]]
-        self.R = 1 if self.share else self.N  # stacked recursion buffers per block layer
+        self.R = 1 if self.share else self.N  # recursion regions per block-layer buffer
+        # region r holds up to W[r] entries per slot: capacity share x max_len x (1 + kv_slack),
+        # grown (copied into a wider buffer) if a sequence's tokens go deeper than that
+        caps = model.depth_fractions()
+        self.W = [max_len] + [
+            min(max_len, max(1, math.ceil(caps[r] * max_len * (1 + kv_slack)))) for r in range(1, self.R)
+        ]
         self.pre_buf = [self._buf(self.S) for _ in self.pre]
         self.post_buf = [self._buf(self.S) for _ in self.post]
-        self.block_buf = [self._buf(self.R * self.S) for _ in self.block]
+        self.block_buf = [self._buf(self.S, sum(self.W)) for _ in self.block]
         self.buffers = self.pre_buf + self.post_buf + self.block_buf
         d = self.cfg.d_model
         self.X = torch.zeros(self.S, d, dtype=self.dtype, device=self.device)  # in-flight hidden state
@@ -552,6 +571,28 @@ class DepthWiseEngine(DecodeEngine):
             and all(isinstance(sc, torch.nn.Linear) and sc.bias is None for sc in self.router.scorers)
         ):
             self.stacked = torch.cat([sc.weight for sc in self.router.scorers]).detach()
+
+    @property
+    def off(self) -> list[int]:
+        """Column offset of each recursion region in the block-layer buffers."""
+        return [sum(self.W[:r]) for r in range(self.R)]
+
+    def _grow(self, r: int, need: int) -> None:
+        """Widen region r to at least `need` columns (x1.5 steps), copying every region over."""
+        old_w, old_off = self.W, self.off
+        self.W = list(old_w)
+        self.W[r] = min(self.max_len, max(need, math.ceil(old_w[r] * 1.5)))
+        new_off = self.off
+        bufs = []
+        for kb, vb in self.block_buf:
+            nk, nv = self._buf(self.S, sum(self.W))
+            for q in range(self.R):
+                src, dst = slice(old_off[q], old_off[q] + old_w[q]), slice(new_off[q], new_off[q] + old_w[q])
+                nk[:, :, dst], nv[:, :, dst] = kb[:, :, src], vb[:, :, src]
+            bufs.append((nk, nv))
+        self.block_buf = bufs
+        self.buffers = self.pre_buf + self.post_buf + self.block_buf
+        self.stats["kv_grows"] = self.stats.get("kv_grows", 0) + 1
 
     # -- device work ---------------------------------------------------------------------------------
     def _decide(self, x: Tensor, r: int) -> tuple[Tensor, Tensor]:
@@ -741,29 +782,30 @@ class DepthWiseEngine(DecodeEngine):
                 items = items[np.lexsort((items, depth[items]))]  # by depth, then slot
                 r = depth[items]
                 n_proj = int((r == 0).sum()) if self.share else n
+                bounds = np.flatnonzero(r[1:] != r[:-1]) + 1
+                starts, ends = [0, *bounds.tolist()], [*bounds.tolist(), n]
+                depths = [(int(r[i]), i, j) for i, j in zip(starts, ends)]
                 if self.share:
                     col = lens[0, items]
-                    w_row = items
                     count = col + (r == 0)
                     lens[0, items[r == 0]] += 1
                 else:
                     col = lens[r, items]
-                    w_row = r * S + items
+                    for rr, i, j in depths:
+                        if int(col[i:j].max()) >= self.W[rr]:
+                            self._grow(rr, int(col[i:j].max()) + 1)
                     count = col + 1
+                    col = col + np.array(self.off)[r]  # region r starts at column off[r]
                     lens[r, items] += 1
-                bounds = np.flatnonzero(r[1:] != r[:-1]) + 1
-                starts, ends = [0, *bounds.tolist()], [*bounds.tolist(), n]
-                depths = [(int(r[i]), i, j) for i, j in zip(starts, ends)]
                 pack = _Pack()
                 nxt = np.minimum(r + 1, N - 1)
-                widx = self._widx(w_row[:n_proj], col[:n_proj])
+                widx = self._widx(items[:n_proj], col[:n_proj], sum(self.W))
                 it = [pack.put(v) for v in (items, fed[items] - 1, widx, nxt)]
-                if self.share:  # every item reads its slot's recursion-0 stack: one slab
+                if self.share:  # every item reads its slot's recursion-0 region: one segment
                     segs = [_seg(pack, 0, n, 0, S, items, count)]
-                elif len(depths) > 1 and all(_seg_kind(S, items[i:j]) == "gather" for _, i, j in depths):
-                    segs = [_seg(pack, 0, n, 0, self.R * S, w_row, count)]  # one gather from every stack
-                else:  # recursion r reads stack rows [r*S, (r+1)*S)
-                    segs = [_seg(pack, i, j, rr * S, S, items[i:j], count[i:j]) for rr, i, j in depths]
+                else:  # recursion r reads region r of the slots' rows
+                    off = self.off
+                    segs = [_seg(pack, i, j, 0, S, items[i:j], count[i:j], off[rr]) for rr, i, j in depths]
                 parts = pack.upload(self.device)
                 for sg in segs:
                     sg.resolve(parts, self.bias_dtype)

@@ -129,15 +129,16 @@ def test_greedy_engine_equals_cached_and_full_forward_decoding(name):
 @torch.no_grad()
 def test_mor_depth_zero_exits_and_every_read_mode():
     """A finite recursion-0 threshold (decisions come back through the sync before a token enters
-    the block), more sequences than block slots, and identity / slab / gather cache reads, and items of several
-    depths gathered from every recursion stack at once."""
+    the block), more sequences than block slots, identity / slab / gather cache reads, and reads
+    of the deeper recursions' regions."""
     model = build(mor(kv="cache"))
-    kinds = []
+    kinds, deep = [], []
     orig = engine_mod._seg
 
     def spy(*a, **k):
         seg = orig(*a, **k)
-        kinds.append(seg._i[0] if seg.hi - seg.lo <= 8 else "merged")  # merged: spans every stack
+        kinds.append(seg._i[0])
+        deep.append(seg.c0 > 0)  # a read of a recursion >= 1 region
         return seg
 
     engine_mod._seg = spy
@@ -155,7 +156,34 @@ def test_mor_depth_zero_exits_and_every_read_mode():
         assert eng.stats["depth_counts"][0] > 0
     finally:
         engine_mod._seg = orig
-    assert {"identity", "slab", "gather", "merged"} <= set(kinds), set(kinds)
+    assert {"identity", "slab", "gather"} <= set(kinds), set(kinds)
+    assert any(deep)
+
+
+@pytest.mark.parametrize("kv", ["cache", "share"])
+@torch.no_grad()
+def test_recursion_regions_sized_by_capacity_and_grown_on_overflow(kv):
+    """Recursion r's cache region holds capacity_r x max_len x (1 + kv_slack) entries per slot, so
+    the allocation shows the saving; a sequence going deeper than that widens the region (copied)
+    and decoding stays exact."""
+    model = build(mor(kv=kv))
+    eng = make_engine(model, 4, 40, seq_slots=4)
+    per_entry = eng.entry_bytes * 4  # x seq_slots
+    if kv == "cache":
+        assert eng.W == [40, 34, 17]  # ceil(40 x (2/3, 1/3) x 1.25)
+    else:
+        assert eng.W == [40]  # later recursions read recursion 0's keys
+    n_pp = len(eng.pre) + len(eng.post)
+    assert eng.kv_bytes_allocated() == per_entry * (40 * n_pp + sum(eng.W) * len(eng.block))
+    # every token takes every recursion: regions 1 and 2 overflow at kv_slack=0
+    model.router.threshold.fill_(float("-inf"))
+    eng = make_engine(model, 4, 40, seq_slots=4, kv_slack=0.0)
+    reqs = [Request([1, 2, 3], 36) for _ in range(4)] + requests(4)
+    _check(model, reqs, eng.run(reqs, keep_logits=True))
+    if kv == "cache":
+        assert eng.stats["kv_grows"] >= 2 and eng.W[1] >= 38 and eng.W[2] >= 38
+    else:
+        assert "kv_grows" not in eng.stats
 
 
 @pytest.mark.parametrize("name", ["vanilla", "mor-expert-cache", "mor-token-share"])

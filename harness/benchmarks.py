@@ -8,6 +8,9 @@
   ratio (goal: within 15%).
 * probes: decode / train / memory probes for vanilla, recursive, MoR-expert, MoR-token
   (random weights, routers calibrated to their capacities).
+* decode_ratio: MoR-E (N_r=3) decode tokens/s over vanilla's at batch 32, runs interleaved and
+  repeated (median), at `small` and at `medium` (d 512), next to the analytic FLOP speed-up
+  (goal: >= 90% of it).
 Every file carries the device, versions and git SHA.
 """
 
@@ -28,6 +31,9 @@ SIZES = {
     "tiny": dict(vocab_size=512, d_model=128, n_layers=8, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=512),
     "small": dict(
         vocab_size=512, d_model=256, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=768, max_seq_len=1024
+    ),
+    "medium": dict(
+        vocab_size=512, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=1536, max_seq_len=1024
     ),
 }
 
@@ -205,6 +211,60 @@ def decode_vs_hf(size: dict, batch: int, new_tokens: int) -> dict:
     }
 
 
+def decode_ratio(size: dict, batch: int, num_requests: int, gen_len: int, repeats: int) -> dict:
+    """MoR-E N_r=3 vs vanilla decode tokens/s through the engine (random weights, thresholds
+    calibrated to the capacities), `repeats` interleaved runs each, median; with the analytic
+    forward-FLOP speed-up at the depths the tokens actually reached."""
+    from types import SimpleNamespace
+
+    from .bench import _decode_context, decode_accounting, decode_probe, gen_lengths
+
+    bcfg = SimpleNamespace(  # the decode keys of conf/bench (BenchConfig) that the probe reads
+        prompt_len=0,
+        seq_slots_factor=1.0,
+        flush_frac=1.0,
+        temperature=1.0,
+        compile=False,
+        warmup=8,
+        gen_len_mean=gen_len,
+        gen_len_std=gen_len // 4,
+        num_requests=num_requests,
+    )
+    lengths = gen_lengths(bcfg, 0, size["max_seq_len"])
+    models = {}
+    for name, kw in (("vanilla", {}), ("mor_expert", dict(num_recursions=3, sharing="middle_cycle"))):
+        torch.manual_seed(0)
+        m = build_model(ModelConfig(family="vanilla" if not kw else "mor", **size, **kw)).eval()
+        if kw:
+            m.calibrate([torch.randint(0, size["vocab_size"], (4, 256))])
+        models[name] = m
+    rows: dict[str, list[dict]] = {k: [] for k in models}
+    for _ in range(repeats):
+        for name, m in models.items():
+            rows[name].append(decode_probe(m, bcfg, batch, lengths, torch.device("cpu")))
+    med = {k: sorted(r["tokens_per_s"] for r in v)[len(v) // 2] for k, v in rows.items()}
+    mor_row = rows["mor_expert"][0]
+    acc = decode_accounting(models["mor_expert"], mor_row, 4, _decode_context(lengths, 1))
+    speedup = med["mor_expert"] / med["vanilla"]
+    return {
+        "batch": batch,
+        "num_requests": num_requests,
+        "gen_len_mean": gen_len,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "vanilla_tok_s": med["vanilla"],
+        "mor_tok_s": med["mor_expert"],
+        "all_tok_s": {k: [r["tokens_per_s"] for r in v] for k, v in rows.items()},
+        "speedup": speedup,
+        "flop_speedup": acc["flop_speedup_vs_vanilla"],
+        "fraction_of_flop_speedup": speedup / acc["flop_speedup_vs_vanilla"],
+        "depth_fractions": mor_row["depth_fractions"],
+        "mean_block_items": mor_row["mean_block_items"],
+        "goal": "speedup >= 0.9 x flop_speedup",
+        "meets_goal": speedup >= 0.9 * acc["flop_speedup_vs_vanilla"],
+    }
+
+
 def loader_speed(seq_len: int, batch: int) -> dict:
     """The synthetic loader's tokens/s, to set next to the models' training tokens/s."""
     from .data import DataConfig, build_loader, measure_loader_throughput, synthetic_tokenizer
@@ -233,8 +293,9 @@ def probes(size_name: str, quick: bool, kinds: str = "decode,train,memory") -> l
                     f"bench.probes=[{kinds}]",
                     "bench.weights=random",
                     f"bench.batch_sizes={[4] if quick else [8, 32]}",
-                    f"bench.num_requests={8 if quick else 64}",
-                    f"bench.gen_len_mean={32 if quick else 128}",
+                    f"bench.num_requests={8 if quick else 256}",  # 8 waves of 32: steady state
+                    f"bench.gen_len_mean={32 if quick else 64}",
+                    f"bench.gen_len_std={8 if quick else 16}",
                 ],
             )
             for r in run_bench(cfg, None):
@@ -269,6 +330,12 @@ def main() -> None:
         "loader_speed": lambda: loader_speed(256, 8),
         "decode_vs_hf": lambda: decode_vs_hf(size, 32, 32 if args.quick else 128),
         "probes": lambda: probes(args.size, args.quick),
+        "decode_ratio": lambda: {
+            s: decode_ratio(
+                SIZES[s], 32, 64 if args.quick else 256, 32 if args.quick else 64, 1 if args.quick else 3
+            )
+            for s in ("small", "medium")
+        },
         "train_probes_tiny": lambda: probes("tiny", args.quick, "train"),  # per family, next to `small`
     }
     for name, fn in benches.items():  # each file is written as soon as its numbers exist

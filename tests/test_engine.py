@@ -284,3 +284,15 @@ def test_decode_probe_rejects_a_batch_that_cannot_fit():
     cfg = compose([*PROBE, "model=vanilla", "bench.max_batch=true", "bench.max_batch_rule=most"])
     with pytest.raises(ConfigError, match="max_batch_rule"):
         run_bench(cfg, None)
+
+
+def test_decode_ratio_benchmark_reports_consistent_fields():
+    from harness.benchmarks import decode_ratio
+
+    size = dict(vocab_size=V, d_model=32, n_layers=5, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
+    out = decode_ratio(size, batch=4, num_requests=8, gen_len=8, repeats=1)
+    assert out["speedup"] == pytest.approx(out["mor_tok_s"] / out["vanilla_tok_s"])
+    assert out["flop_speedup"] > 1  # MoR skips recursions for some tokens
+    assert out["fraction_of_flop_speedup"] == pytest.approx(out["speedup"] / out["flop_speedup"])
+    assert out["meets_goal"] == (out["fraction_of_flop_speedup"] >= 0.9)
+    assert out["depth_fractions"][0] == 1.0 and out["depth_fractions"][2] < 1

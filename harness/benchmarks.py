@@ -236,7 +236,7 @@ def decode_ratio(size: dict, batch: int, num_requests: int, gen_len: int, repeat
         torch.manual_seed(0)
         m = build_model(ModelConfig(family="vanilla" if not kw else "mor", **size, **kw)).eval()
         if kw:
-            m.calibrate([torch.randint(0, size["vocab_size"], (4, 256))])
+            m.calibrate([torch.randint(0, size["vocab_size"], (4, min(256, size["max_seq_len"])))])
         models[name] = m
     rows: dict[str, list[dict]] = {k: [] for k in models}
     for _ in range(repeats):

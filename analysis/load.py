@@ -118,6 +118,14 @@ def _missing(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
+def _router_short(name: str) -> str:
+    """Registry names as they are; a dotted path by its class: pkg.mod.OracleRouter -> oracle."""
+    if "." not in name:
+        return name
+    cls = name.rsplit(".", 1)[-1]
+    return cls.removesuffix("Router").lower() or cls
+
+
 def model_label(family: Any, router: Any = None, num_recursions: Any = None, with_nr: bool = False) -> str:
     """ "Vanilla" | "Recursive" | "MoR-E" | "MoR-T" | "MoR-<router>", optionally suffixed "-<N_r>"."""
     fam = "" if _missing(family) else str(family)
@@ -127,7 +135,7 @@ def model_label(family: Any, router: Any = None, num_recursions: Any = None, wit
         base = "Recursive"
     elif fam == "mor":
         name = "" if _missing(router) else str(router)
-        base = ROUTER_LABELS.get(name) or (f"MoR-{name.rsplit('.', 1)[-1]}" if name else "MoR")
+        base = ROUTER_LABELS.get(name) or (f"MoR-{_router_short(name)}" if name else "MoR")
     else:
         base = fam or "?"
     if with_nr and not _missing(num_recursions):

@@ -59,6 +59,24 @@ def load_bench_model(cfg: DictConfig, run_dir: Path | None, device: torch.device
 
 BOS = 0  # prompt-free generation starts every request from this one token
 
+# Dense (no sparsity) peak FLOP/s per GPU from the vendors' data sheets, by compute dtype; fp32 is
+# plain FP32 (no TF32). Matched by substring of torch.cuda.get_device_name(); first match wins.
+PEAK_FLOPS = {
+    "H100": {"bf16": 989e12, "fp32": 67e12},  # SXM
+    "H200": {"bf16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp32": 91.6e12},
+    "L4": {"bf16": 121e12, "fp32": 30.3e12},
+}
+
+
+def peak_flops(device_name: str, dtype: str) -> float | None:
+    """The table's peak for this device and dtype; None when unknown (CPUs: MFU is not reported)."""
+    for key, peaks in PEAK_FLOPS.items():
+        if key in device_name:
+            return peaks.get(dtype)
+    return None
+
 
 def gen_lengths(bcfg, seed: int, max_len: int) -> list[int]:
     """Generated tokens per request ~ Normal(gen_len_mean, gen_len_std), clipped to [1, context]."""
@@ -229,13 +247,17 @@ def decode_accounting(core, row: dict, elem: int, ctx: float) -> dict:
     return out
 
 
-def train_probe(model, cfg: DictConfig, device, autocast) -> dict:
+def train_probe(model, core, cfg: DictConfig, device, autocast, dtype: str) -> dict:
+    """Median train-step time (fwd + bwd + AdamW) at the run's micro-batch and sequence length;
+    tokens/s, peak memory, and MFU = tokens/s x exact training FLOPs per token / the device's
+    peak (PEAK_FLOPS; None where the device is not in the table)."""
     bcfg = cfg.bench
     model.train()
     B, T = cfg.train.micro_batch_size, cfg.data.seq_len
     ids = torch.randint(0, model.cfg.vocab_size, (B, T + 1), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     times = []
+    _reset_peak(device)
     for i in range(bcfg.warmup + bcfg.train_steps):
         _sync(device)
         t0 = time.perf_counter()
@@ -250,7 +272,22 @@ def train_probe(model, cfg: DictConfig, device, autocast) -> dict:
             times.append(time.perf_counter() - t0)
     model.eval()
     step = sorted(times)[len(times) // 2]
-    return {"tokens_per_s": B * T / step, "ms_per_step": 1000 * step, "batch_size": B, "seq_len": T}
+    peak_mem, peak_kind = _peak(device)
+    tok_s = B * T / step
+    flops_tok = core.flops_per_token(T, "exact").train
+    peak = peak_flops(records.device_name(device), dtype)
+    return {
+        "tokens_per_s": tok_s,
+        "ms_per_step": 1000 * step,
+        "batch_size": B,
+        "seq_len": T,
+        "flops_per_token_train": flops_tok,
+        "achieved_flops": tok_s * flops_tok,
+        "peak_flops": peak,
+        "mfu": tok_s * flops_tok / peak if peak else None,
+        "peak_mem_bytes": peak_mem,
+        "peak_mem_kind": peak_kind,
+    }
 
 
 def run_bench(cfg: DictConfig, run_dir: Path | None) -> list[dict]:
@@ -306,7 +343,8 @@ def run_bench(cfg: DictConfig, run_dir: Path | None) -> list[dict]:
                     }
                 )
         elif probe == "train":
-            rows.append({**base, "probe": "train", **train_probe(model, cfg, device, autocast)})
+            res = train_probe(model, core, cfg, device, autocast, base["dtype"])
+            rows.append({**base, "probe": "train", **res})
         elif probe == "memory":
             elem = 2 if base["dtype"] == "bf16" else 4
             params_b = sum(p.numel() * p.element_size() for p in core.parameters())

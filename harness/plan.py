@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from models import ConfigError
 
+from .bench import PEAK_FLOPS
 from .config import register_configs
 from .sweeps import (
     LAUNCHER_TARGET,
@@ -43,7 +44,7 @@ from .sweeps import (
     world_size_of,
 )
 
-H100_PEAK = 989e12  # dense bf16 FLOP/s
+H100_PEAK = PEAK_FLOPS["H100"]["bf16"]  # dense bf16 FLOP/s
 SLURM_TARGETS = (LAUNCHER_TARGET, "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher")
 
 

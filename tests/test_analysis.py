@@ -129,7 +129,8 @@ def test_loader_labels(results):
     assert (runs.loc[runs["family"] == "vanilla", "label_nr"] == "Vanilla").all()
     assert model_label("mor", "expert_choice", 3, with_nr=True) == "MoR-E-3"
     assert model_label("mor", "my_router") == "MoR-my_router"
-    assert model_label("mor", "pkg.routers.Fancy") == "MoR-Fancy"
+    assert model_label("mor", "pkg.routers.Fancy") == "MoR-fancy"  # a dotted path: its class
+    assert model_label("mor", "harness.oracle_router.OracleRouter") == "MoR-oracle"
     assert model_label("recursive", None, 2) == "Recursive"
 
 

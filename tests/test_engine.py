@@ -296,3 +296,27 @@ def test_decode_ratio_benchmark_reports_consistent_fields():
     assert out["fraction_of_flop_speedup"] == pytest.approx(out["speedup"] / out["flop_speedup"])
     assert out["meets_goal"] == (out["fraction_of_flop_speedup"] >= 0.9)
     assert out["depth_fractions"][0] == 1.0 and out["depth_fractions"][2] < 1
+
+
+@pytest.mark.parametrize("model", ["vanilla", "mor_expert"])
+def test_train_and_memory_probe_rows(tmp_path, model):
+    from harness.bench import run_bench
+    from tests.helpers import compose
+
+    cfg = compose(
+        [*PROBE, f"model={model}", "bench.probes=[train,memory]", "bench.train_steps=2", "data.seq_len=16"]
+    )
+    train, memory = run_bench(cfg, tmp_path)
+    assert train["probe"] == "train" and train["tokens_per_s"] > 0 and train["peak_mem_bytes"] > 0
+    assert train["tokens_per_s"] == pytest.approx(train["batch_size"] * 16 / (train["ms_per_step"] / 1000))
+    assert train["achieved_flops"] == pytest.approx(train["tokens_per_s"] * train["flops_per_token_train"])
+    assert train["peak_flops"] is None and train["mfu"] is None  # a CPU has no entry in the peak table
+    assert memory["probe"] == "memory" and memory["param_bytes"] > 0 and memory["kv_bytes_per_seq"] > 0
+
+
+def test_peak_flops_table():
+    from harness.bench import peak_flops
+
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5e12
+    assert peak_flops("cpu (x86_64, 2 cores)", "fp32") is None

@@ -20,7 +20,9 @@ ROUTERS = {
     "mod": RouterConfig(name="mod", params={"capacity": 0.5}),
     "act": RouterConfig(name="act", aux_loss="ponder", aux_coeff=0.01, params={"eps": 0.01}),
     "fixed_depth": RouterConfig(name="fixed_depth", aux_loss="none", params={"depth": 2}),
-    "oracle": RouterConfig(name="oracle", func="softmax", alpha=1.0, aux_loss="none"),
+    "oracle": RouterConfig(
+        name="harness.oracle_router.OracleRouter", func="softmax", alpha=1.0, aux_loss="none"
+    ),
     "random": RouterConfig(name="random", aux_loss="none"),
     "expert_choice": RouterConfig(),
     "token_choice": RouterConfig(name="token_choice", func="softmax", alpha=1.0, aux_loss="balance"),
@@ -209,7 +211,12 @@ def test_bad_router_params_name_the_key():
         (RouterConfig(name="act", aux_loss="ponder", params={"eps": 2}), "params.eps"),
         (RouterConfig(name="fixed_depth", aux_loss="none", params={"depth": 0}), "params.depth"),
         (
-            RouterConfig(name="oracle", func="softmax", aux_loss="none", params={"depth": {"hard": 3}}),
+            RouterConfig(
+                name="harness.oracle_router.OracleRouter",
+                func="softmax",
+                aux_loss="none",
+                params={"depth": {"hard": 3}},
+            ),
             "params.depth",
         ),
     ]:
@@ -336,7 +343,8 @@ def test_router_ablation_preset_end_to_end(tmp_path):
     )
     runs = sorted((root / "routers").iterdir())
     names = {OmegaConf.load(r / "config.yaml").model.router.name for r in runs}
-    assert names == {"expert_choice", "token_choice", "mod", "act", "fixed_depth", "random", "oracle"}
+    oracle = "harness.oracle_router.OracleRouter"
+    assert names == {"expert_choice", "token_choice", "mod", "act", "fixed_depth", "random", oracle}
     for run in runs:
         assert (run / "DONE").exists(), run.name
         evals = {r["metric"]: r for r in records.read_jsonl(run / "eval.jsonl") if r["task"] == "val"}

@@ -1,4 +1,8 @@
-"""Control: depth by the token's difficulty class on the synthetic data (an oracle, not learned).
+"""Control router: depth by the token's difficulty class on the synthetic data (an oracle, not learned).
+
+It is about the harness's synthetic language, so it lives here and not in `models/` (which never
+imports the harness); configs reach it by dotted path, `model.router.name:
+harness.oracle_router.OracleRouter` (conf/model/router/oracle.yaml), like any user-defined router.
 
 Validation NLL at position t scores the *next* token, and `harness.data` labels that token with a
 difficulty class (``TOKEN_CLASSES``: filler, structure, random, recall, arith). The class of the next
@@ -33,9 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError
-from .base import register_router
-from .token_choice import TokenChoiceRouter
+from models.config import ConfigError
+from models.routers.token_choice import TokenChoiceRouter
+
+from .data import EOS, STRUCTURE, SYNTHETIC_VOCAB, TOKEN_CLASSES, synthetic_documents
 
 DEFAULT_DEPTH = {"random": 1, "filler": 2, "structure": 2, "recall": 3, "arith": 3}
 SAMPLE_DOCS = 200
@@ -44,10 +49,7 @@ SAMPLE_DOCS = 200
 @functools.cache
 def next_token_class_table() -> tuple[tuple[int, ...], tuple[float, ...]]:
     """(class id per token id, share of each token id in the sample): the class that most often
-    follows each synthetic token id. The synthetic language lives in the harness; the oracle is
-    the one router that is about the data, so it reads it lazily here."""
-    from harness.data import EOS, STRUCTURE, SYNTHETIC_VOCAB, TOKEN_CLASSES, synthetic_documents
-
+    follows each synthetic token id."""
     word_id = {w: i for i, w in enumerate(SYNTHETIC_VOCAB)}
     counts = torch.zeros(len(SYNTHETIC_VOCAB), len(TOKEN_CLASSES), dtype=torch.float64)
     ids: list[int] = []
@@ -74,14 +76,12 @@ class _CaptureIds:
         self.router.input_ids = args[0]
 
 
-@register_router("oracle")
 class OracleRouter(TokenChoiceRouter):
+    registered_name = "oracle"  # the name in messages (reached by dotted path, not the registry)
     allowed_aux = ("none",)
 
     def __init__(self, cfg, d_model, num_recursions):
         super().__init__(cfg, d_model, num_recursions)
-        from harness.data import TOKEN_CLASSES
-
         params = self.read_params("depth")
         depth = {**DEFAULT_DEPTH, **dict(params.get("depth") or {})}
         bad = set(depth) - set(TOKEN_CLASSES)

@@ -84,6 +84,23 @@ def _launch_rank() -> int:
     return 0
 
 
+def _agree(state: str | None, cfg: DictConfig) -> str | None:
+    """Rank 0's go/no-go (None: go; else why not) for every rank of a data-parallel job: the other
+    ranks cannot see rank 0's lock, and would otherwise wait for it in training forever."""
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    if world == 1:
+        return state
+    import torch.distributed as dist
+
+    from .train import dist_device_kind, init_distributed, resolve_device
+
+    info = init_distributed(dist_device_kind(cfg.train))
+    resolve_device(cfg.train.device, info)  # NCCL collectives need the rank's GPU set
+    box = [state]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def record_job(cfg: DictConfig, run_dir: Path) -> None:
     """overrides.yaml (what recreates this run: `mor-run <overrides>`) and slurm.json (job ids, per start)."""
     if "train" in cfg.stages or not (run_dir / "overrides.yaml").exists():
@@ -147,13 +164,18 @@ def run(cfg: DictConfig) -> str:
     # other ranks only join training (evaluation and probes are single-process stages)
     rank0 = _launch_rank() == 0
     with RunLock(run_dir) if rank0 else nullcontext(True) as locked:
+        attempts = records.read_json(attempts_file) if attempts_file.exists() else {"failed": 0}
+        stop = None
         if not locked:
             log.warning("%s is locked by another job; skipping", run_dir)
-            return "locked"
-        attempts = records.read_json(attempts_file) if attempts_file.exists() else {"failed": 0}
-        if attempts["failed"] >= cfg.train.max_retries:
+            stop = "locked"
+        elif attempts["failed"] >= cfg.train.max_retries:
             log.error("%s failed %d times (train.max_retries); not retrying", run_dir, attempts["failed"])
-            return "failed"
+            stop = "failed"
+        if "train" in cfg.stages:  # only training runs on every rank
+            stop = _agree(stop, cfg)
+        if stop:
+            return stop
         if rank0:
             record_job(cfg, run_dir)
         try:

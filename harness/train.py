@@ -88,6 +88,11 @@ def _export_slurm_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def dist_device_kind(tcfg) -> str:
+    """ "cuda" or "cpu": which process-group backend (NCCL or gloo) train.device asks for."""
+    return "cuda" if tcfg.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
+
+
 def init_distributed(device_kind: str) -> DistInfo:
     """Rank/world from torchrun's variables or from Slurm's (`_export_slurm_env`); no-op for one process."""
     if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
@@ -410,7 +415,7 @@ def autocast_for(precision: str, device: torch.device):
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train (or resume) the run in run_dir; returns summary.json's content."""
     t = cfg.train
-    info = init_distributed("cuda" if t.device in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
+    info = init_distributed(dist_device_kind(t))
     device = resolve_device(t.device, info)
     torch.manual_seed(cfg.seed)
     if info.world > 1 and not info.main:

@@ -181,3 +181,16 @@ def test_fsdp_torchrun_matches_single_process_and_resumes(tmp_path, single):
 def test_slurm_environment_forms_the_group_and_matches(tmp_path, single):
     _slurm(tmp_path, "model=vanilla")
     _assert_same_training(single("vanilla"), tmp_path)
+
+
+def test_locked_run_stops_every_rank(tmp_path):
+    """Rank 0 decides (lock, retries) and tells the others: no rank waits in training for a rank 0
+    that is not coming. Here another job holds the run's lock."""
+    from harness.main import RunLock
+
+    run = _run(tmp_path)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    with RunLock(run) as locked:
+        assert locked
+        _check([_launch(torchrun, [*ARGS, *PARALLEL, f"results_root={tmp_path}"])], 120)
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()

@@ -166,6 +166,7 @@ def decode_probe(model, bcfg, batch_size: int, lengths: list[int], device, seed:
         kw = {
             "seq_slots": max(batch_size, round(bcfg.seq_slots_factor * batch_size)),
             "flush_at": max(1, round(bcfg.flush_frac * batch_size)),
+            "kv_slack": bcfg.kv_slack,
         }
     engine = make_engine(
         model, batch_size, max_len, temperature=bcfg.temperature, seed=seed, compile=bcfg.compile, **kw
@@ -196,7 +197,7 @@ def decode_probe(model, bcfg, batch_size: int, lengths: list[int], device, seed:
         "max_len": max_len,
         "temperature": bcfg.temperature,
         "kv_bytes_per_token": st["kv_bytes_per_token"],  # measured: cache entries actually written
-        "kv_bytes_allocated": engine.kv_bytes_allocated(),  # the static buffers (full length per recursion)
+        "kv_bytes_allocated": engine.kv_bytes_allocated(),  # static buffers (MoR: sized by capacity)
         "engine_extra_weight_bytes": engine.extra_weight_bytes(),  # fused Q/K/V, gate/up copies (CPU)
         "peak_mem_bytes": peak,
         "peak_mem_kind": peak_kind,
@@ -211,6 +212,7 @@ def decode_probe(model, bcfg, batch_size: int, lengths: list[int], device, seed:
             depth_fractions=[sum(counts[r + 1 :]) / total for r in range(len(counts) - 1)],
             seq_slots=st["seq_slots"],
             flush_at=st["flush_at"],
+            kv_grows=st.get("kv_grows", 0),  # recursion caches widened past capacity x (1 + kv_slack)
             block_steps=st["block_steps"],
             edge_steps=st["edge_steps"],
             mean_block_items=st["block_items"] / max(1, st["block_steps"]),

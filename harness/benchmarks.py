@@ -226,6 +226,7 @@ def decode_ratio(size: dict, batch: int, num_requests: int, gen_len: int, repeat
         temperature=1.0,
         compile=False,
         warmup=8,
+        kv_slack=0.25,
         gen_len_mean=gen_len,
         gen_len_std=gen_len // 4,
         num_requests=num_requests,

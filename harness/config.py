@@ -79,6 +79,7 @@ class BenchConfig:
     temperature: float = 1.0  # decode sampling temperature (0 = greedy; random weights collapse under greedy)
     seq_slots_factor: float = 1.0  # MoR: sequences in flight per block slot (1: the same KV rows as vanilla)
     flush_frac: float = 1.0  # MoR: exits wait for this batch fraction before last layer + head (paper: 1)
+    kv_slack: float = 0.25  # MoR: recursion r caches capacity_r x length x (1 + slack), widened if exceeded
 
 
 @dataclass

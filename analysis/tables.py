@@ -28,7 +28,7 @@ import fnmatch
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from .load import FAMILY_ORDER, Results, identity_columns, size_sort_value
+from .paper import run_knobs
 
 # Keys whose difference makes runs incomparable (refused unless allow_mixed) or just suspicious.
 REFUSE_KEYS = ("data.source", "data.tokenizer")
@@ -374,6 +375,7 @@ def _spec_list() -> list[TableSpec]:
             columns=(PARAMS, TOKENS, NLL, *tasks, AVG),
             experiments=("sharing*", "table10*", "table11*", "fig4b*"),
             run_filter={"family": ["vanilla", "recursive"]},
+            paper_tables=("table10",),
         ),
         TableSpec(
             "routing",
@@ -393,18 +395,25 @@ def _spec_list() -> list[TableSpec]:
                 RowKey("Warmup", "model.router.capacity_warmup_steps"),
             ),
             columns=(
-                DEAD_PCT,
+                replace(DEAD_PCT, paper="dead_token_ratio"),
                 Column(
-                    "Samp-Acc %", "metrics", "router/sampling_acc_r*", scale=100.0, fmt=".1f", optional=True
+                    "Samp-Acc %",
+                    "metrics",
+                    "router/sampling_acc_r*",
+                    scale=100.0,
+                    fmt=".1f",
+                    optional=True,
+                    paper="sampling_acc",
                 ),
-                Column("MaxVio", "metrics", "router/maxvio", fmt=".3f", optional=True),
-                Column("Entropy", "metrics", "router/entropy", fmt=".3f", optional=True),
+                Column("MaxVio", "metrics", "router/maxvio", fmt=".3f", optional=True, paper="maxvio"),
+                Column("Entropy", "metrics", "router/entropy", fmt=".3f", optional=True, paper="entropy"),
                 NLL,
                 *tasks,
                 AVG,
             ),
             experiments=("routing*", "table4*", "table13*", "table14*"),
             run_filter={"family": "mor"},
+            paper_tables=("table13", "table14"),  # matched on the router knobs (analysis/paper.py)
         ),
         TableSpec(
             "routers",
@@ -448,6 +457,7 @@ def _spec_list() -> list[TableSpec]:
                 AVG,
             ),
             experiments=("kv*", "table15*", "fig4c*"),
+            paper_tables=("table15",),
         ),
         TableSpec(
             "throughput",
@@ -668,6 +678,10 @@ def build_table(
         ~frame["family"].eq("vanilla")
     )
     frame["_N_r"] = frame["N_r"]
+    frame["_layers"] = pd.to_numeric(
+        frame.get("model.n_layers", pd.Series(None, index=frame.index, dtype=object)), errors="coerce"
+    )
+    frame["_knobs"] = run_knobs(frame).where(frame["family"].eq("mor"), "")
     frame["_size"] = frame["size_label"]
     frame["_budget_kind"] = frame["budget_kind"]
     frame["_budget_value"] = frame["budget_value"]
@@ -742,6 +756,8 @@ def build_table(
         "_kv",
         "_sharing",
         "_N_r",
+        "_layers",
+        "_knobs",
         "_size",
         "_budget_kind",
         "_budget_value",

@@ -106,20 +106,23 @@ class _Pack:
 
 @dataclass
 class _Seg:
-    """Items [a:b] of a step read keys from buffer rows [lo:hi], columns [c0:c0+L].
+    """Items [a:b] of a step read keys from the first `rows` buffer rows, columns [c0:c0+L].
 
-    identity (sidx and gather None): the items are rows lo..hi-1 in order, read in place;
-    slab (sidx): item i sits at slab row sidx[i]; the whole slab is attended in place (no copy) with
-        zero queries on the other rows (their outputs are dropped);
-    gather: item i reads absolute row gather[i] (a copy of just those rows).
+    identity (sidx and gather None): the items are rows 0..rows-1 in order, read in place;
+    slab (sidx): item i sits at row sidx[i]; all rows are attended in place (no copy) with zero
+        queries on the other rows (their outputs are dropped);
+    gather: item i's keys are copied from its own row and column window (one index_select of the
+        buffer viewed as [-1, head_dim]: items of several recursions, whose windows start at different
+        columns, in one read).
     `_i` holds packed-array slots until `resolve()` turns them into tensors."""
 
     a: int
     b: int
-    lo: int
-    hi: int
+    rows: int
     L: int
     c0: int = 0
+    kvh: int = 0  # gather: kv heads and buffer columns, to build the flat indices
+    width: int = 0
     sidx: Tensor | None = None
     gather: Tensor | None = None
     mask: Tensor | None = None
@@ -128,16 +131,22 @@ class _Seg:
     def resolve(self, parts: list[Tensor], bias_dtype: torch.dtype | None = None) -> None:
         """Packed slots -> tensors; the mask as bool, or as an additive bias of `bias_dtype`."""
         kind, idx, cnt = self._i
+        count = parts[cnt]
+        dev = count.device
         if kind == "slab":
             self.sidx = parts[idx]
-        elif kind == "gather":
-            self.gather = parts[idx]
-        count = parts[cnt]
-        keep = (torch.arange(self.L, device=count.device) < count[:, None]).view(-1, 1, 1, self.L)
+        elif kind == "gather":  # flat [item, kv head, column] indices from each item's window start
+            row, c0 = parts[idx], parts[idx + 1]
+            heads = torch.arange(self.kvh, device=dev) * self.width
+            # columns past an item's count are masked; clamped so a window never leaves the buffer
+            cols = (c0[:, None] + torch.arange(self.L, device=dev)).clamp_max_(self.width - 1)
+            base = row * (self.kvh * self.width)
+            self.gather = (base[:, None, None] + heads[None, :, None] + cols[:, None, :]).reshape(-1)
+        keep = (torch.arange(self.L, device=dev) < count[:, None]).view(-1, 1, 1, self.L)
         if bias_dtype is None:
             self.mask = keep
         else:
-            zero = torch.zeros((), dtype=bias_dtype, device=count.device)
+            zero = torch.zeros((), dtype=bias_dtype, device=dev)
             self.mask = zero.masked_fill(~keep, float("-inf"))
 
 
@@ -149,12 +158,21 @@ def _seg_kind(slab: int, rows: np.ndarray) -> str:
 
 
 def _seg(
-    pack: _Pack, a: int, b: int, lo: int, slab: int, rows: np.ndarray, counts: np.ndarray, c0: int = 0
+    pack: _Pack,
+    a: int,
+    b: int,
+    slab: int,
+    rows: np.ndarray,
+    counts: np.ndarray,
+    width: int,
+    kvh: int,
+    c0: int | np.ndarray = 0,
 ) -> _Seg:
-    """Plan how items [a:b] (slab rows `rows`, keys `counts`) read buffer rows [lo:lo+slab] from
-    column c0 on."""
-    seg = _Seg(a, b, lo, lo + slab, int(counts.max()), c0)
-    kind = _seg_kind(slab, rows)
+    """Plan how items [a:b] (rows `rows` of a [>= slab, kvh, width, hd] buffer, keys `counts`) read
+    their keys from column c0 on (one int, or one per item: then always a gather)."""
+    per_item = isinstance(c0, np.ndarray)
+    kind = "gather" if per_item else _seg_kind(slab, rows)
+    seg = _Seg(a, b, slab, int(counts.max()), 0 if per_item else c0, kvh, width)
     if kind == "identity":
         seg._i = (kind, -1, pack.put(counts))
     elif kind == "slab":
@@ -162,7 +180,9 @@ def _seg(
         full[rows] = counts
         seg._i = (kind, pack.put(rows), pack.put(full))
     else:
-        seg._i = (kind, pack.put(rows + lo), pack.put(counts))
+        idx = pack.put(rows)
+        pack.put(np.broadcast_to(c0, rows.shape))  # window starts, read back as parts[idx + 1]
+        seg._i = (kind, idx, pack.put(counts))
     return seg
 
 
@@ -250,14 +270,14 @@ def decode_layer(
     outs = []
     for sg in segs:
         qs = q if len(segs) == 1 else q[sg.a : sg.b]
-        cols = slice(sg.c0, sg.c0 + sg.L)
         if sg.gather is not None:
-            ks = kb[:, :, cols].index_select(0, sg.gather)  # (faster than kb[rows, :, cols])
-            vs = vb[:, :, cols].index_select(0, sg.gather)
+            ks = kb.view(-1, hd).index_select(0, sg.gather).view(-1, kvh, sg.L, hd)
+            vs = vb.view(-1, hd).index_select(0, sg.gather).view(-1, kvh, sg.L, hd)
         else:
-            ks, vs = kb[sg.lo : sg.hi, :, cols], vb[sg.lo : sg.hi, :, cols]
+            cols = slice(sg.c0, sg.c0 + sg.L)
+            ks, vs = kb[: sg.rows, :, cols], vb[: sg.rows, :, cols]
             if sg.sidx is not None:
-                qs = q.new_zeros(sg.hi - sg.lo, H, 1, hd).index_copy_(0, sg.sidx, qs)
+                qs = q.new_zeros(sg.rows, H, 1, hd).index_copy_(0, sg.sidx, qs)
         if sg.mask.dtype == torch.bool:  # fused kernel (GPU)
             o = F.scaled_dot_product_attention(
                 qs, ks.to(q.dtype), vs.to(q.dtype), attn_mask=sg.mask, enable_gqa=kvh != H, scale=fl.q_scale
@@ -473,7 +493,7 @@ class SequenceEngine(DecodeEngine):
             ix.append(pack.put(np.where(produces, ri, len(reqs))))  # others: dummy row
             ix.append(pack.put(np.where(produces, ngen[rows], 0)))
             ix.append(pack.put(self._widx(rows, pos)))
-            seg = _seg(pack, 0, n, 0, B, rows, pos + 1)
+            seg = _seg(pack, 0, n, B, rows, pos + 1, self.max_len, self.cfg.n_kv_heads)
             parts = pack.upload(self.device)
             rows_t, pos_t, ptok_t, inp_t, oreq_t, ok_t, widx = (parts[i] for i in ix)
             seg.resolve(parts, self.bias_dtype)
@@ -756,8 +776,9 @@ class DepthWiseEngine(DecodeEngine):
                 e_arr, e_pos = np.array(e_rows, dtype=np.int64), np.array(e_pos, dtype=np.int64)
                 ia = [pack.put(v) for v in (a_arr, a_pos, out_req, out_k, self._widx(a_arr, a_pos))]
                 ie = [pack.put(v) for v in (e_arr, e_pos, e_src, ptoks, self._widx(e_arr, e_pos))]
-                seg_a = _seg(pack, 0, na, 0, S, a_arr, a_pos + 1) if na and self.post else None
-                seg_e = _seg(pack, 0, ne, 0, S, e_arr, e_pos + 1) if ne and self.pre else None
+                geo = (self.max_len, self.cfg.n_kv_heads)  # unique layers' buffers: width, kv heads
+                seg_a = _seg(pack, 0, na, S, a_arr, a_pos + 1, *geo) if na and self.post else None
+                seg_e = _seg(pack, 0, ne, S, e_arr, e_pos + 1, *geo) if ne and self.pre else None
                 parts = pack.upload(self.device)
                 for sg in (seg_a, seg_e):
                     if sg is not None:
@@ -801,11 +822,18 @@ class DepthWiseEngine(DecodeEngine):
                 nxt = np.minimum(r + 1, N - 1)
                 widx = self._widx(items[:n_proj], col[:n_proj], sum(self.W))
                 it = [pack.put(v) for v in (items, fed[items] - 1, widx, nxt)]
+                width, kvh = sum(self.W), self.cfg.n_kv_heads
                 if self.share:  # every item reads its slot's recursion-0 region: one segment
-                    segs = [_seg(pack, 0, n, 0, S, items, count)]
+                    segs = [_seg(pack, 0, n, S, items, count, width, kvh)]
+                elif len(depths) > 1 and all(_seg_kind(S, items[i:j]) == "gather" for _, i, j in depths):
+                    # one copy for every item, each from its recursion's region
+                    segs = [_seg(pack, 0, n, S, items, count, width, kvh, np.array(self.off)[r])]
                 else:  # recursion r reads region r of the slots' rows
                     off = self.off
-                    segs = [_seg(pack, i, j, 0, S, items[i:j], count[i:j], off[rr]) for rr, i, j in depths]
+                    segs = [
+                        _seg(pack, i, j, S, items[i:j], count[i:j], width, kvh, off[rr])
+                        for rr, i, j in depths
+                    ]
                 parts = pack.upload(self.device)
                 for sg in segs:
                     sg.resolve(parts, self.bias_dtype)

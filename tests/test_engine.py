@@ -7,6 +7,7 @@ others run. For MoR the routers are calibrated so that tokens really stop at dif
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -184,6 +185,30 @@ def test_recursion_regions_sized_by_capacity_and_grown_on_overflow(kv):
         assert eng.stats["kv_grows"] >= 2 and eng.W[1] >= 38 and eng.W[2] >= 38
     else:
         assert "kv_grows" not in eng.stats
+
+
+@torch.no_grad()
+def test_one_gather_for_items_of_several_depths():
+    """Many more sequences than block slots: each depth's items are few, so one gather reads every
+    item's keys from its own recursion region, windows running past the narrow deep regions."""
+    model = build(mor(kv="cache"))
+    past_end = []  # merged gathers (a start column per item) whose longest window leaves the buffer
+    orig = engine_mod._seg
+
+    def spy(*a, **k):
+        seg = orig(*a, **k)
+        if len(a) > 8 and isinstance(a[8], np.ndarray):
+            past_end.append(int(a[8].max()) + seg.L > a[6])
+        return seg
+
+    engine_mod._seg = spy
+    try:
+        reqs = [Request([1 + i % 5], 30) for i in range(16)]
+        eng = make_engine(model, 4, 32, seq_slots=16, flush_at=4)
+        _check(model, reqs, eng.run(reqs, keep_logits=True))
+    finally:
+        engine_mod._seg = orig
+    assert any(past_end), past_end
 
 
 @pytest.mark.parametrize("name", ["vanilla", "mor-expert-cache", "mor-token-share"])

@@ -214,10 +214,12 @@ def decode_vs_hf(size: dict, batch: int, new_tokens: int) -> dict:
 def decode_ratio(size: dict, batch: int, num_requests: int, gen_len: int, repeats: int) -> dict:
     """MoR-E N_r=3 vs vanilla decode tokens/s through the engine (random weights, thresholds
     calibrated to the capacities), `repeats` interleaved runs each, median; with the analytic
-    forward-FLOP speed-up at the depths the tokens actually reached."""
+    forward-FLOP speed-up at the depths the tokens actually reached. Twice: both at `batch`, and
+    MoR at the paper's relative maximum batch (batch x maxB(MoR) / maxB(vanilla) from parameters +
+    KV cache in an 80 GB budget) against vanilla at `batch`."""
     from types import SimpleNamespace
 
-    from .bench import _decode_context, decode_accounting, decode_probe, gen_lengths
+    from .bench import _decode_context, decode_accounting, decode_probe, gen_lengths, memory_fit
 
     bcfg = SimpleNamespace(  # the decode keys of conf/bench (BenchConfig) that the probe reads
         prompt_len=0,
@@ -230,6 +232,7 @@ def decode_ratio(size: dict, batch: int, num_requests: int, gen_len: int, repeat
         gen_len_mean=gen_len,
         gen_len_std=gen_len // 4,
         num_requests=num_requests,
+        memory_budget_gb=80.0,
     )
     lengths = gen_lengths(bcfg, 0, size["max_seq_len"])
     models = {}
@@ -239,26 +242,34 @@ def decode_ratio(size: dict, batch: int, num_requests: int, gen_len: int, repeat
         if kw:
             m.calibrate([torch.randint(0, size["vocab_size"], (4, min(256, size["max_seq_len"])))])
         models[name] = m
-    rows: dict[str, list[dict]] = {k: [] for k in models}
+    mem = memory_fit(models["mor_expert"], bcfg, 4, max(lengths))
+    batch_max = max(1, round(batch * mem["fit"] / mem["fit_vanilla"]))
+    runs = {"vanilla": (models["vanilla"], batch), "mor_expert": (models["mor_expert"], batch)}
+    runs["mor_expert_max"] = (models["mor_expert"], batch_max)
+    rows: dict[str, list[dict]] = {k: [] for k in runs}
     for _ in range(repeats):
-        for name, m in models.items():
-            rows[name].append(decode_probe(m, bcfg, batch, lengths, torch.device("cpu")))
+        for name, (m, b) in runs.items():
+            rows[name].append(decode_probe(m, bcfg, b, lengths, torch.device("cpu")))
     med = {k: sorted(r["tokens_per_s"] for r in v)[len(v) // 2] for k, v in rows.items()}
     mor_row = rows["mor_expert"][0]
     acc = decode_accounting(models["mor_expert"], mor_row, 4, _decode_context(lengths, 1))
     speedup = med["mor_expert"] / med["vanilla"]
+    speedup_max = med["mor_expert_max"] / med["vanilla"]
     return {
         "batch": batch,
+        "batch_max_mor": batch_max,
         "num_requests": num_requests,
         "gen_len_mean": gen_len,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
         "vanilla_tok_s": med["vanilla"],
         "mor_tok_s": med["mor_expert"],
+        "mor_max_batch_tok_s": med["mor_expert_max"],
         "all_tok_s": {k: [r["tokens_per_s"] for r in v] for k, v in rows.items()},
         "speedup": speedup,
         "flop_speedup": acc["flop_speedup_vs_vanilla"],
         "fraction_of_flop_speedup": speedup / acc["flop_speedup_vs_vanilla"],
+        "speedup_max_batch": speedup_max,
         "depth_fractions": mor_row["depth_fractions"],
         "mean_block_items": mor_row["mean_block_items"],
         "goal": "speedup >= 0.9 x flop_speedup",

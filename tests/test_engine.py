@@ -320,6 +320,8 @@ def test_decode_ratio_benchmark_reports_consistent_fields():
     assert out["flop_speedup"] > 1  # MoR skips recursions for some tokens
     assert out["fraction_of_flop_speedup"] == pytest.approx(out["speedup"] / out["flop_speedup"])
     assert out["meets_goal"] == (out["fraction_of_flop_speedup"] >= 0.9)
+    assert out["batch_max_mor"] > 4  # less KV per sequence: a larger relative maximum batch
+    assert out["speedup_max_batch"] == pytest.approx(out["mor_max_batch_tok_s"] / out["vanilla_tok_s"])
     assert out["depth_fractions"][0] == 1.0 and out["depth_fractions"][2] < 1
 
 

@@ -49,6 +49,21 @@ def _median_time(fn, warmup: int, iters: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _interleaved_median_times(fns, warmup: int, iters: int) -> list[float]:
+    """Median wall time of each of `fns`, timed in turn (a, b, a, b, ...) so that drift in the
+    machine's speed hits every side alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(iters):
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [sorted(ts)[len(ts) // 2] for ts in times]
+
+
 def _fwd_bwd(model, ids, hf: bool):
     def step():
         if hf:
@@ -196,8 +211,7 @@ def decode_vs_hf(size: dict, batch: int, new_tokens: int) -> dict:
         )
 
     with torch.no_grad():
-        t_ours = _median_time(run_ours, 1, 3)
-        t_hf = _median_time(run_hf, 1, 3)
+        t_ours, t_hf = _interleaved_median_times([run_ours, run_hf], warmup=1, iters=5)
         same = [r.tokens for r in run_ours()] == run_hf()[:, 1:].tolist()
     n = batch * new_tokens
     return {

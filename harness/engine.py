@@ -125,7 +125,8 @@ class _Seg:
     width: int = 0
     sidx: Tensor | None = None
     gather: Tensor | None = None
-    mask: Tensor | None = None
+    mask: Tensor | None = None  # None: no key is masked
+    bias: bool = False  # the mask is an additive bias (matmul attention), not a bool (SDPA)
     _i: tuple = ()
 
     def resolve(self, parts: list[Tensor], bias_dtype: torch.dtype | None = None) -> None:
@@ -142,6 +143,9 @@ class _Seg:
             cols = (c0[:, None] + torch.arange(self.L, device=dev)).clamp_max_(self.width - 1)
             base = row * (self.kvh * self.width)
             self.gather = (base[:, None, None] + heads[None, :, None] + cols[:, None, :]).reshape(-1)
+        self.bias = bias_dtype is not None
+        if kind == "full":  # every row attends to all L keys: nothing to mask
+            return
         keep = (torch.arange(self.L, device=dev) < count[:, None]).view(-1, 1, 1, self.L)
         if bias_dtype is None:
             self.mask = keep
@@ -174,7 +178,8 @@ def _seg(
     kind = "gather" if per_item else _seg_kind(slab, rows)
     seg = _Seg(a, b, slab, int(counts.max()), 0 if per_item else c0, kvh, width)
     if kind == "identity":
-        seg._i = (kind, -1, pack.put(counts))
+        full = bool((counts == seg.L).all())  # e.g. a batch of equal-length requests
+        seg._i = ("full" if full else kind, -1, pack.put(counts))
     elif kind == "slab":
         full = np.ones(slab, dtype=np.int64)
         full[rows] = counts
@@ -278,14 +283,15 @@ def decode_layer(
             ks, vs = kb[: sg.rows, :, cols], vb[: sg.rows, :, cols]
             if sg.sidx is not None:
                 qs = q.new_zeros(sg.rows, H, 1, hd).index_copy_(0, sg.sidx, qs)
-        if sg.mask.dtype == torch.bool:  # fused kernel (GPU)
+        if not sg.bias:  # fused kernel (GPU)
             o = F.scaled_dot_product_attention(
                 qs, ks.to(q.dtype), vs.to(q.dtype), attn_mask=sg.mask, enable_gqa=kvh != H, scale=fl.q_scale
             )
         else:  # q-length-1 attention as two batched matmuls: ~20% faster than SDPA on CPU
             m = qs.shape[0]
             sc = torch.matmul(qs.view(m, kvh, H // kvh, hd), ks.to(q.dtype).transpose(-1, -2))
-            sc = (sc.mul_(fl.q_scale) if fl.q_scale != 1.0 else sc).add_(sg.mask)
+            sc = sc.mul_(fl.q_scale) if fl.q_scale != 1.0 else sc
+            sc = sc if sg.mask is None else sc.add_(sg.mask)
             o = torch.matmul(torch.softmax(sc, -1), vs.to(q.dtype)).view(m, H, 1, hd)
         outs.append(o if sg.sidx is None else o.index_select(0, sg.sidx))
     o = outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -347,3 +347,25 @@ def test_peak_flops_table():
     assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5e12
     assert peak_flops("cpu (x86_64, 2 cores)", "fp32") is None
+
+
+@pytest.mark.parametrize("name", ["vanilla", "mor-expert-cache"])
+@torch.no_grad()
+def test_equal_length_batch_reads_unmasked(name):
+    """Requests of one length fill every row to the same count: attention runs with no mask."""
+    model = build(FAMILIES[name])
+    kinds = []
+    orig = engine_mod._seg
+
+    def spy(*a, **k):
+        seg = orig(*a, **k)
+        kinds.append(seg._i[0])
+        return seg
+
+    engine_mod._seg = spy
+    try:
+        reqs = [Request([3, 1], 10) for _ in range(4)]
+        _check(model, reqs, make_engine(model, 4, 12).run(reqs, keep_logits=True))
+    finally:
+        engine_mod._seg = orig
+    assert "full" in kinds

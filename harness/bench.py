@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from models import ConfigError, ModelConfig, build_model
 from models import flops as flops_lib
@@ -45,10 +45,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _requested_model_keys() -> list[str]:
+    """`model.<key>=...` overrides on this command line (none outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+    return [k.removeprefix("model.") for k in keys if k.startswith("model.")]
+
+
+def check_run_architecture(cfg: DictConfig, run_cfg: DictConfig, run_dir: Path) -> None:
+    """A model key set on the command line must match the trained run's (e.g. model.kv: the KV
+    strategy is part of the trained model); silently benchmarking something else is worse."""
+    for key in _requested_model_keys():
+        want, have = OmegaConf.select(cfg.model, key), OmegaConf.select(run_cfg.model, key)
+        if want != have:
+            raise ConfigError(
+                f"model.{key}={want} was requested, but {run_dir} was trained with model.{key}={have}: "
+                "benchmark its weights as trained (drop the override) or use bench.weights=random"
+            )
+
+
 def load_bench_model(cfg: DictConfig, run_dir: Path | None, device: torch.device):
     """(model, weights label): a run's trained checkpoint, or random init with calibrated routing."""
     if cfg.bench.weights == "run" and run_dir is not None and records.latest_checkpoint(run_dir):
-        return records.load_run(run_dir, device=str(device)).model, "trained"
+        loaded = records.load_run(run_dir, device=str(device))
+        check_run_architecture(cfg, loaded.config, run_dir)
+        return loaded.model, "trained"
     torch.manual_seed(cfg.seed)
     model = build_model(model_config_from(cfg.model)).to(device).eval()
     if hasattr(model, "calibrate"):

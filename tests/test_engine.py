@@ -369,3 +369,19 @@ def test_equal_length_batch_reads_unmasked(name):
     finally:
         engine_mod._seg = orig
     assert "full" in kinds
+
+
+def test_bench_of_a_trained_run_refuses_another_architecture(tmp_path):
+    """`mor-bench run_dir=X model.kv=share` on a run trained with recursion-wise caching: one clear
+    error instead of silently benchmarking the trained model."""
+    from tests.helpers import MICRO, ROOT, run_cli
+
+    train = [*MICRO, "model=mor_expert", "train.budget.kind=steps", "train.budget.value=2"]
+    run_cli([*train, "stages=[train]", f"results_root={tmp_path}", "run_name=r"], cwd=ROOT)
+    run = tmp_path / "default" / "r"
+    bench = [*PROBE, "stages=[bench]", f"run_dir={run}", "bench.weights=run"]
+    proc = run_cli([*bench, "model=mor_expert", "model.kv=share"], cwd=ROOT, check=False)
+    assert proc.returncode != 0
+    assert "model.kv=share was requested" in proc.stdout + proc.stderr and "model.kv=cache" in proc.stderr
+    ok = run_cli([*bench, "model=mor_expert"], cwd=ROOT)  # no architecture override: benchmarks it
+    assert ok.returncode == 0 and (run / "bench.jsonl").exists()

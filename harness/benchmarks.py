@@ -10,7 +10,8 @@
   (random weights, routers calibrated to their capacities).
 * decode_ratio: MoR-E (N_r=3) decode tokens/s over vanilla's at batch 32, runs interleaved and
   repeated (median), at `small` and at `medium` (d 512), next to the analytic FLOP speed-up
-  (goal: >= 90% of it).
+  (goal: >= 90% of it); also MoR at the relative maximum batch and with twice the sequences in
+  flight, and the layer weight passes per generated token of each.
 Every file carries the device, versions and git SHA.
 """
 
@@ -258,14 +259,31 @@ def decode_ratio(size: dict, batch: int, num_requests: int, gen_len: int, repeat
         models[name] = m
     mem = memory_fit(models["mor_expert"], bcfg, 4, max(lengths))
     batch_max = max(1, round(batch * mem["fit"] / mem["fit_vanilla"]))
-    runs = {"vanilla": (models["vanilla"], batch), "mor_expert": (models["mor_expert"], batch)}
-    runs["mor_expert_max"] = (models["mor_expert"], batch_max)
+    two_slots = SimpleNamespace(**{**vars(bcfg), "seq_slots_factor": 2.0})
+    runs = {
+        "vanilla": (models["vanilla"], batch, bcfg),
+        "mor_expert": (models["mor_expert"], batch, bcfg),
+        "mor_expert_max": (models["mor_expert"], batch_max, bcfg),
+        # twice the sequences in flight: the block stays full while exits wait for the last layer
+        "mor_expert_2x_slots": (models["mor_expert"], batch, two_slots),
+    }
     rows: dict[str, list[dict]] = {k: [] for k in runs}
     for _ in range(repeats):
-        for name, (m, b) in runs.items():
-            rows[name].append(decode_probe(m, bcfg, b, lengths, torch.device("cpu")))
+        for name, (m, b, c) in runs.items():
+            rows[name].append(decode_probe(m, c, b, lengths, torch.device("cpu")))
     med = {k: sorted(r["tokens_per_s"] for r in v)[len(v) // 2] for k, v in rows.items()}
     mor_row = rows["mor_expert"][0]
+    mor = models["mor_expert"]
+    edge_layers, block_layers = len(mor.slots_pre) + len(mor.slots_post), len(mor.slots_rec[0])
+
+    def passes(row: dict) -> float:
+        """Layer weight passes per generated token: at batch <= 32 a pass costs about the same
+        whatever the number of tokens riding along (weights are read once per pass)."""
+        if "block_steps" not in row:
+            return row["steps"] * size["n_layers"] / row["generated_tokens"]
+        n = row["block_steps"] * block_layers + row["edge_steps"] * edge_layers
+        return n / row["generated_tokens"]
+
     acc = decode_accounting(models["mor_expert"], mor_row, 4, _decode_context(lengths, 1))
     speedup = med["mor_expert"] / med["vanilla"]
     speedup_max = med["mor_expert_max"] / med["vanilla"]
@@ -279,6 +297,10 @@ def decode_ratio(size: dict, batch: int, num_requests: int, gen_len: int, repeat
         "vanilla_tok_s": med["vanilla"],
         "mor_tok_s": med["mor_expert"],
         "mor_max_batch_tok_s": med["mor_expert_max"],
+        "mor_2x_slots_tok_s": med["mor_expert_2x_slots"],
+        "speedup_2x_slots": med["mor_expert_2x_slots"] / med["vanilla"],
+        "mean_block_items_2x_slots": rows["mor_expert_2x_slots"][0]["mean_block_items"],
+        "layer_passes_per_token": {k: passes(v[0]) for k, v in rows.items()},
         "all_tok_s": {k: [r["tokens_per_s"] for r in v] for k, v in rows.items()},
         "speedup": speedup,
         "flop_speedup": acc["flop_speedup_vs_vanilla"],

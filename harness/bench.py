@@ -226,6 +226,7 @@ def decode_probe(model, bcfg, batch_size: int, lengths: list[int], device, seed:
         "peak_mem_bytes": peak,
         "peak_mem_kind": peak_kind,
         "engine": type(engine).__name__,
+        "engine_routing_exact": getattr(engine, "routing_exact", True),  # False: Router.engine_exact
         "attention": engine.attention,
     }
     if "depth_counts" in st:

@@ -50,6 +50,7 @@ matmuls; on GPU it uses SDPA and the model's own weights (`fuse`, `attention`).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -61,6 +62,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models import ConfigError
+
+log = logging.getLogger("mor.engine")
 
 
 @dataclass
@@ -558,6 +561,15 @@ class DepthWiseEngine(DecodeEngine):
         self.router = model.router
         self.expert = self.router.kind == "expert"
         self.rule = self.router.active_rule() if self.expert else "token_choice"
+        # the engine decides with score/threshold/gate (expert) or plan (token); routers whose
+        # select() does more (mod: no hierarchy, act: accumulated halting) say so (Router.engine_exact)
+        self.routing_exact = self.router.engine_exact
+        if not self.routing_exact:
+            log.warning(
+                "%s: the decode engine serves it approximately (hierarchical exits by score and "
+                "threshold); model.generate follows it exactly",
+                type(self.router).__name__,
+            )
         self.N = self.cfg.num_recursions
         self.share = self.cfg.kv == "share"
         layers, sched = model.layers, model.schedule

@@ -196,9 +196,17 @@ def test_decode_engine_serves_score_threshold_and_plan_routers_exactly(name):
 
     model = make(name).eval()
     prompts = [[0], [17], [200]]
-    got = make_engine(model, 2, 16, temperature=0.0).run([Request(p, 8) for p in prompts])
+    engine = make_engine(model, 2, 16, temperature=0.0)
+    got = engine.run([Request(p, 8) for p in prompts])
     want = model.generate(torch.tensor(prompts), 8).tolist()
-    assert [r.tokens for r in got] == want
+    assert [r.tokens for r in got] == want and engine.routing_exact
+
+
+@pytest.mark.parametrize("name", ["mod", "act"])
+def test_decode_engine_labels_select_overriding_routers_approximate(name):
+    from harness.engine import make_engine
+
+    assert not make_engine(make(name).eval(), 2, 16).routing_exact
 
 
 def test_bad_router_params_name_the_key():

@@ -35,6 +35,7 @@ from .expert_choice import ExpertChoiceRouter
 
 @register_router("act")
 class HaltingRouter(ExpertChoiceRouter):
+    engine_exact = False  # see "Decoding" above
     allowed_aux = ("ponder", "none")
     allowed_func = ("sigmoid",)
 

@@ -98,6 +98,9 @@ class Router(nn.Module):
     registered_name: ClassVar[str] = ""
     allowed_aux: ClassVar[tuple[str, ...]] = ()
     allowed_func: ClassVar[tuple[str, ...]] = ()
+    # does the decode engine's per-token decision (score/threshold/gate, or plan) reproduce this
+    # router's select()? False (mod: no hierarchy; act: accumulated halting): served approximately
+    engine_exact: ClassVar[bool] = True
 
     def __init__(self, cfg: RouterConfig, d_model: int, num_recursions: int):
         super().__init__()

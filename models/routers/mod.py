@@ -32,6 +32,8 @@ DEFAULT_CAPACITY = 2 / 3
 
 @register_router("mod")
 class MixtureOfDepthsRouter(ExpertChoiceRouter):
+    engine_exact = False  # see "Decoding" above
+
     def __init__(self, cfg, d_model, num_recursions):
         super().__init__(cfg, d_model, num_recursions)
         params = self.read_params("capacity")

@@ -176,6 +176,13 @@ def _peak(device: torch.device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"  # Linux: KiB
 
 
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 @torch.no_grad()
 def decode_probe(model, bcfg, batch_size: int, lengths: list[int], device, seed: int = 0) -> dict:
     """Serve `lengths` prompt-free requests through the decode engine; throughput, memory, routing.
@@ -196,15 +203,22 @@ def decode_probe(model, bcfg, batch_size: int, lengths: list[int], device, seed:
         model, batch_size, max_len, temperature=bcfg.temperature, seed=seed, compile=bcfg.compile, **kw
     )
     slots = kw.get("seq_slots", batch_size)
-    if bcfg.warmup > 0:  # untimed: `warmup` decode steps on every slot (allocations, compilation)
-        engine.run([Request(prompt, min(bcfg.warmup, max(lengths))) for _ in range(slots)])
+    if bcfg.warmup > 0:
+        # untimed: twice the slots' worth of requests, their lengths scaled to at most `warmup`
+        # steps but as ragged as the real ones, so refills, partial batches and every read mode
+        # happen (allocations; under compile, the graphs those shapes need)
+        top = max(lengths)
+        warm = [max(1, n * min(bcfg.warmup, top) // top) for n in lengths[: 2 * slots]]
+        engine.run([Request(prompt, n) for n in warm])
     reqs = [Request(prompt, n) for n in lengths]
+    graphs = _compiled_graphs()
     _sync(device)
     _reset_peak(device)
     t0 = time.perf_counter()
     results = engine.run(reqs)
     _sync(device)
     dt = time.perf_counter() - t0
+    graphs = _compiled_graphs() - graphs
     peak, peak_kind = _peak(device)
     st = engine.stats
     n_tok = sum(lengths)
@@ -225,6 +239,7 @@ def decode_probe(model, bcfg, batch_size: int, lengths: list[int], device, seed:
         "engine_extra_weight_bytes": engine.extra_weight_bytes(),  # fused Q/K/V, gate/up copies (CPU)
         "peak_mem_bytes": peak,
         "peak_mem_kind": peak_kind,
+        "compiled_while_timed": graphs,  # graphs torch.compile built inside the timed run (want 0)
         "engine": type(engine).__name__,
         "engine_routing_exact": getattr(engine, "routing_exact", True),  # False: Router.engine_exact
         "attention": engine.attention,

@@ -331,7 +331,16 @@ class DecodeEngine:
         self.cfg = model.cfg
         self.B, self.max_len = batch_size, max_len
         self.temperature, self.seed = temperature, seed
-        self.layer_fn = torch.compile(decode_layer, dynamic=True) if compile else decode_layer
+        self.layer_fn = decode_layer
+        if compile:
+            # one graph per mix of 0/1-sized dims, buffer shapes and K/V projection mode: more than
+            # dynamo's default of 8 per function over a sweep of batch sizes (warm-up compiles them)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.layer_fn = torch.compile(decode_layer, dynamic=True)
+        # compiled: every read is one gather (one attention call per layer, shapes vary only in
+        # items and keys), so the layer compiles to a couple of graphs instead of one per mix of
+        # read modes and segment counts (which would exhaust dynamo's recompile limit)
+        self.gather_only = compile
         cos, sin = model.rotary.cos.to(self.dtype), model.rotary.sin.to(self.dtype)
         half = sin.shape[-1] // 2
         self.cos, self.sin = cos, torch.cat([-sin[:, :half], sin[:, half:]], -1)
@@ -368,6 +377,12 @@ class DecodeEngine:
         buffer (width: max_len by default)."""
         kvh, width = self.cfg.n_kv_heads, width or self.max_len
         return ((rows[:, None] * kvh + np.arange(kvh)) * width + cols[:, None]).reshape(-1)
+
+    def _read(self, pack, a, b, slab, rows, counts, width, c0: int | np.ndarray = 0) -> _Seg:
+        """`_seg` for this engine's buffers; always a gather when compiled (`gather_only`)."""
+        if self.gather_only and not isinstance(c0, np.ndarray):
+            c0 = np.full(len(rows), c0, dtype=np.int64)
+        return _seg(pack, a, b, slab, rows, counts, width, self.cfg.n_kv_heads, c0)
 
     def _rope(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         hd = self.cos.shape[-1]
@@ -502,7 +517,7 @@ class SequenceEngine(DecodeEngine):
             ix.append(pack.put(np.where(produces, ri, len(reqs))))  # others: dummy row
             ix.append(pack.put(np.where(produces, ngen[rows], 0)))
             ix.append(pack.put(self._widx(rows, pos)))
-            seg = _seg(pack, 0, n, B, rows, pos + 1, self.max_len, self.cfg.n_kv_heads)
+            seg = self._read(pack, 0, n, B, rows, pos + 1, self.max_len)
             parts = pack.upload(self.device)
             rows_t, pos_t, ptok_t, inp_t, oreq_t, ok_t, widx = (parts[i] for i in ix)
             seg.resolve(parts, self.bias_dtype)
@@ -794,9 +809,12 @@ class DepthWiseEngine(DecodeEngine):
                 e_arr, e_pos = np.array(e_rows, dtype=np.int64), np.array(e_pos, dtype=np.int64)
                 ia = [pack.put(v) for v in (a_arr, a_pos, out_req, out_k, self._widx(a_arr, a_pos))]
                 ie = [pack.put(v) for v in (e_arr, e_pos, e_src, ptoks, self._widx(e_arr, e_pos))]
-                geo = (self.max_len, self.cfg.n_kv_heads)  # unique layers' buffers: width, kv heads
-                seg_a = _seg(pack, 0, na, S, a_arr, a_pos + 1, *geo) if na and self.post else None
-                seg_e = _seg(pack, 0, ne, S, e_arr, e_pos + 1, *geo) if ne and self.pre else None
+                seg_a = (
+                    self._read(pack, 0, na, S, a_arr, a_pos + 1, self.max_len) if na and self.post else None
+                )
+                seg_e = (
+                    self._read(pack, 0, ne, S, e_arr, e_pos + 1, self.max_len) if ne and self.pre else None
+                )
                 parts = pack.upload(self.device)
                 for sg in (seg_a, seg_e):
                     if sg is not None:
@@ -840,16 +858,17 @@ class DepthWiseEngine(DecodeEngine):
                 nxt = np.minimum(r + 1, N - 1)
                 widx = self._widx(items[:n_proj], col[:n_proj], sum(self.W))
                 it = [pack.put(v) for v in (items, fed[items] - 1, widx, nxt)]
-                width, kvh = sum(self.W), self.cfg.n_kv_heads
+                width = sum(self.W)
                 if self.share:  # every item reads its slot's recursion-0 region: one segment
-                    segs = [_seg(pack, 0, n, S, items, count, width, kvh)]
-                elif len(depths) > 1 and all(_seg_kind(S, items[i:j]) == "gather" for _, i, j in depths):
-                    # one copy for every item, each from its recursion's region
-                    segs = [_seg(pack, 0, n, S, items, count, width, kvh, np.array(self.off)[r])]
+                    segs = [self._read(pack, 0, n, S, items, count, width)]
+                elif self.gather_only or (
+                    len(depths) > 1 and all(_seg_kind(S, items[i:j]) == "gather" for _, i, j in depths)
+                ):  # one copy for every item, each from its recursion's region
+                    segs = [self._read(pack, 0, n, S, items, count, width, np.array(self.off)[r])]
                 else:  # recursion r reads region r of the slots' rows
                     off = self.off
                     segs = [
-                        _seg(pack, i, j, S, items[i:j], count[i:j], width, kvh, off[rr])
+                        self._read(pack, i, j, S, items[i:j], count[i:j], width, off[rr])
                         for rr, i, j in depths
                     ]
                 parts = pack.upload(self.device)

@@ -385,3 +385,20 @@ def test_bench_of_a_trained_run_refuses_another_architecture(tmp_path):
     assert "model.kv=share was requested" in proc.stdout + proc.stderr and "model.kv=cache" in proc.stderr
     ok = run_cli([*bench, "model=mor_expert"], cwd=ROOT)  # no architecture override: benchmarks it
     assert ok.returncode == 0 and (run / "bench.jsonl").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["vanilla", "mor_expert"])
+def test_paper_decode_preset_compiles_before_timing(tmp_path, model):
+    """bench=paper (bf16, torch.compile) on CPU: the ragged warm-up builds every graph the timed run
+    needs, so compilation never lands inside the measurement."""
+    from harness.bench import run_bench
+    from tests.helpers import compose
+
+    probe = [a for a in PROBE if not a.startswith(("bench.batch_sizes", "bench.warmup"))]
+    cfg = compose([*probe, f"model={model}", "bench=paper", "bench.num_requests=12", "bench.warmup=8"])
+    rows = run_bench(cfg, tmp_path)
+    assert [r["batch_kind"] for r in rows] == ["fixed", "max"]
+    for r in rows:
+        assert r["dtype"] == "bf16" and r["compile"] is True and r["compiled_while_timed"] == 0
+        assert r["generated_tokens"] == sum(gen_lengths_of(cfg)) and r["tokens_per_s"] > 0

@@ -388,7 +388,8 @@ def main() -> None:
     }
     for name, fn in benches.items():  # each file is written as soon as its numbers exist
         value = fn()
-        records.write_json(out / f"{name}.json", {"env": env, "size": args.size, "results": value})
+        size_of = "tiny" if name == "train_probes_tiny" else args.size
+        records.write_json(out / f"{name}.json", {"env": env, "size": size_of, "results": value})
         print(f"{name}: {json.dumps(value, default=float)[:400]}")
     print(f"wrote {out}/*.json")
 

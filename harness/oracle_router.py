@@ -49,7 +49,13 @@ SAMPLE_DOCS = 200
 @functools.cache
 def next_token_class_table() -> tuple[tuple[int, ...], tuple[float, ...]]:
     """(class id per token id, share of each token id in the sample): the class that most often
-    follows each synthetic token id."""
+    follows each synthetic token id. Counted on the CPU, also while a model is being built on the
+    meta device (mor-plan)."""
+    with torch.device("cpu"):
+        return _count_next_classes()
+
+
+def _count_next_classes() -> tuple[tuple[int, ...], tuple[float, ...]]:
     word_id = {w: i for i, w in enumerate(SYNTHETIC_VOCAB)}
     counts = torch.zeros(len(SYNTHETIC_VOCAB), len(TOKEN_CLASSES), dtype=torch.float64)
     ids: list[int] = []
@@ -98,15 +104,17 @@ class OracleRouter(TokenChoiceRouter):
         by_class = torch.tensor([min(depth[c], num_recursions) - 1 for c in TOKEN_CLASSES])
         # depth choice per token id (non-persistent: derived from the config, not learned)
         self.register_buffer("choice_of_id", by_class[torch.tensor(table)], persistent=False)
-        self.id_share = torch.tensor(share)
+        # share of tokens reaching each recursion, in plain Python (also for a meta-device model)
+        last = [min(depth[TOKEN_CLASSES[c]], num_recursions) - 1 for c in table]
+        pairs = list(zip(share, last, strict=True))
+        self.reach = [sum(w for w, d in pairs if d >= r) for r in range(num_recursions)]
         self.input_ids: Tensor | None = None
 
     def bind(self, model: nn.Module) -> None:
         model.embed_tokens.register_forward_hook(_CaptureIds(self))
 
     def capacities(self) -> list[float]:
-        reach = [float(self.id_share[self.choice_of_id.cpu() >= r].sum()) for r in range(self.n_rec)]
-        return reach
+        return self.reach
 
     def depth_of(self, h1: Tensor) -> Tensor:
         """Depth choice (0-based last recursion) [B, T] of the tokens whose hidden states are h1."""

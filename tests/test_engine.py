@@ -402,3 +402,22 @@ def test_paper_decode_preset_compiles_before_timing(tmp_path, model):
     for r in rows:
         assert r["dtype"] == "bf16" and r["compile"] is True and r["compiled_while_timed"] == 0
         assert r["generated_tokens"] == sum(gen_lengths_of(cfg)) and r["tokens_per_s"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["vanilla", "mor-expert-cache", "mor-token-share"])
+@torch.no_grad()
+def test_cuda_engine_matches_cached_decoding(name):
+    """`pytest -m gpu` on a CUDA machine: the GPU defaults (SDPA with a bool mask, unfused weights)
+    and the compiled path give the tokens of the model's own cached decoding."""
+    model = build(FAMILIES[name]).cuda()
+    reqs = requests(6, seed=4)
+    want = [
+        model.generate(torch.tensor([r.prompt_ids], device="cuda"), r.max_new_tokens)[0].tolist()
+        for r in reqs
+    ]
+    for compile in (False, True):
+        eng = make_engine(model, 2, 16, compile=compile)
+        assert (eng.attention, eng.fuse) == ("sdpa", False)
+        assert [r.tokens for r in eng.run(reqs)] == want

@@ -95,7 +95,7 @@ def test_table3_plan_has_every_row(tmp_path):
 
 @pytest.mark.parametrize(
     "experiment, n_runs",
-    [("sharing", 16), ("sharing_baselines", 6), ("routing", 27), ("kv", 12), ("demo", 3)],
+    [("sharing", 16), ("sharing_baselines", 6), ("routing", 27), ("kv", 12), ("demo", 3), ("routers", 7)],
 )
 def test_every_preset_plans(tmp_path, experiment, n_runs):
     rows = plan([f"experiment={experiment}", f"results_root={tmp_path}"])

@@ -19,7 +19,7 @@ FLOPs budgets use the nominal schedule (N_r - r) / N_r, the same mean depth as e
 depth really spent is logged as ``router/load_r*`` and ``flops_per_token_measured``.
 
 Decoding: the model's own cached decode follows this rule exactly; the depth-wise batching engine
-of ``harness.bench`` scores each recursion with ``score`` and ``threshold`` alone and cannot
+of ``harness.engine`` scores each recursion with ``score`` and ``threshold`` alone and cannot
 accumulate H, so its decode throughput for this router is an approximation.
 """
 

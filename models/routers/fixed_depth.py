@@ -7,7 +7,7 @@ from ``expert_choice`` only in which tokens run each recursion. With k = 2 and N
 same mean number of recursions per token as expert-choice's 1, 2/3, 1/3 schedule.
 
 The rule is kept in the ``threshold`` buffer (-inf: everyone continues, +inf: nobody does), the form
-the decode engine of ``harness.bench`` reads, so cached decoding and the engine agree with forward().
+the decode engine of ``harness.engine`` reads, so cached decoding and the engine agree with forward().
 """
 
 from __future__ import annotations
@@ -33,11 +33,14 @@ class FixedDepthRouter(ExpertChoiceRouter):
         if not isinstance(k, int) or k < 1:
             raise ConfigError(f"model.router.params.depth={k!r} must be an integer >= 1")
         k = min(k, num_recursions)  # capped: every token runs all recursions
+        self._depth = k  # for a model on the meta device (mor-plan), whose buffers hold no values
         inf = float("inf")
         self.threshold.copy_(torch.tensor([-inf if r < k else inf for r in range(num_recursions)]))
 
     @property
     def depth(self) -> int:
+        if self.threshold.is_meta:
+            return self._depth
         return int(torch.isneginf(self.threshold).sum())
 
     def capacities(self) -> list[float]:

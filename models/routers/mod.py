@@ -14,7 +14,7 @@ between blocks. Here the routed "blocks" are the N_r applications of the shared 
   ``expert_choice`` is the missing hierarchy and the flat capacity.
 
 Decoding: the model's own cached decode (``model.generate`` / a KV cache) follows this rule exactly.
-The depth-wise batching engine of ``harness.bench`` assumes hierarchical exits, so its decode
+The depth-wise batching engine of ``harness.engine`` assumes hierarchical exits, so its decode
 throughput for this router is an approximation (a token stops at its first skipped recursion).
 """
 

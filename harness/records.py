@@ -78,7 +78,9 @@ def git_info() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"git_sha": git("rev-parse", "HEAD") or None, "git_dirty": bool(git("status", "--porcelain"))}
+    # dirty = uncommitted changes to the code; outputs under results/ (tracked benchmark JSON) do not count
+    dirty = bool(git("status", "--porcelain", "--", ".", ":(exclude)results"))
+    return {"git_sha": git("rev-parse", "HEAD") or None, "git_dirty": dirty}
 
 
 def device_name(device: torch.device | str) -> str:

@@ -169,6 +169,9 @@ def run(cfg: DictConfig) -> str:
         if not locked:
             log.warning("%s is locked by another job; skipping", run_dir)
             stop = "locked"
+        elif (run_dir / "DONE").exists():  # finished by the job that held the lock while we waited
+            log.info("%s: DONE, skipping", run_dir)
+            stop = "skipped"
         elif attempts["failed"] >= cfg.train.max_retries:
             log.error("%s failed %d times (train.max_retries); not retrying", run_dir, attempts["failed"])
             stop = "failed"

@@ -351,3 +351,24 @@ def test_status_lists_not_started_runs_of_a_preset(tmp_path, capsys):
     assert status_main([str(tmp_path), "--experiment", "demo", "--sweep"]) == 0
     out = capsys.readouterr().out
     assert "3 runs: 3 pending" in out and "demo/model=mor_expert" in out
+
+
+def test_run_finished_while_waiting_for_its_lock_is_skipped(tmp_path):
+    """The DONE check is repeated under the lock: a job that gets the lock just after another job
+    finished the run must not train it again."""
+    import threading
+    import time
+
+    from harness.main import RunLock, run
+    from tests.helpers import compose
+
+    cfg = compose([*FAST_PIPELINE, "stages=[train,eval,bench]", f"results_root={tmp_path}", "run_name=r"])
+    run_dir = tmp_path / "default" / "r"
+    result = {}
+    with RunLock(run_dir):
+        worker = threading.Thread(target=lambda: result.update(state=run(cfg)))
+        worker.start()
+        time.sleep(0.3)  # the worker is now waiting (up to 1 s) for the lock
+        records.atomic_write_text(run_dir / "DONE", "")
+    worker.join(60)
+    assert result == {"state": "skipped"} and not (run_dir / "metrics.jsonl").exists()

@@ -232,18 +232,13 @@ def decode_ratio(size: dict, batch: int, num_requests: int, gen_len: int, repeat
     forward-FLOP speed-up at the depths the tokens actually reached. Twice: both at `batch`, and
     MoR at the paper's relative maximum batch (batch x maxB(MoR) / maxB(vanilla) from parameters +
     KV cache in an 80 GB budget) against vanilla at `batch`."""
-    from types import SimpleNamespace
+    from dataclasses import replace
 
     from .bench import _decode_context, decode_accounting, decode_probe, gen_lengths, memory_fit
+    from .config import BenchConfig
 
-    bcfg = SimpleNamespace(  # the decode keys of conf/bench (BenchConfig) that the probe reads
-        prompt_len=0,
-        seq_slots_factor=1.0,
-        flush_frac=1.0,
-        temperature=1.0,
-        compile=False,
+    bcfg = BenchConfig(
         warmup=8,
-        kv_slack=0.25,
         gen_len_mean=gen_len,
         gen_len_std=gen_len // 4,
         num_requests=num_requests,
@@ -259,7 +254,7 @@ def decode_ratio(size: dict, batch: int, num_requests: int, gen_len: int, repeat
         models[name] = m
     mem = memory_fit(models["mor_expert"], bcfg, 4, max(lengths))
     batch_max = max(1, round(batch * mem["fit"] / mem["fit_vanilla"]))
-    two_slots = SimpleNamespace(**{**vars(bcfg), "seq_slots_factor": 2.0})
+    two_slots = replace(bcfg, seq_slots_factor=2.0)
     runs = {
         "vanilla": (models["vanilla"], batch, bcfg),
         "mor_expert": (models["mor_expert"], batch, bcfg),

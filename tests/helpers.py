@@ -10,13 +10,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # a model small enough that a CPU run takes seconds (middle-cycle with 3 recursions needs >= 5 layers)
-MICRO = [
+MICRO_MODEL = [
     "size=tiny",
     "model.d_model=32",
     "model.n_heads=2",
     "model.n_kv_heads=1",
     "model.d_ff=64",
     "model.n_layers=5",
+]
+MICRO = [
+    *MICRO_MODEL,
     "data.seq_len=32",
     "train.micro_batch_size=4",
     "train.global_batch_tokens=256",
@@ -67,20 +70,31 @@ def compose(overrides: list[str]):
         return hydra_compose("config", overrides=overrides)
 
 
-def run_cli(
-    args: list[str], cwd: Path, timeout: int = 300, check: bool = True
-) -> subprocess.CompletedProcess:
-    env = {
+def cli_env() -> dict[str, str]:
+    """The environment of a CLI run in the tests: quiet (CI), offline, one thread per process."""
+    return {
         **os.environ,
         "CI": "true",
         "HF_DATASETS_OFFLINE": "1",
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
     }
+
+
+def spawn_cli(args: list[str], **popen) -> subprocess.Popen:
+    """`python -m harness.main args` in the background (stdout/stderr as `popen` says, text mode)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness.main", *args], cwd=ROOT, env=cli_env(), text=True, **popen
+    )
+
+
+def run_cli(
+    args: list[str], cwd: Path, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "harness.main", *args],
         cwd=cwd,
-        env=env,
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=timeout,

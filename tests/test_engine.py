@@ -14,6 +14,7 @@ import torch
 import harness.engine as engine_mod
 from harness.engine import DepthWiseEngine, Request, SequenceEngine, make_engine
 from models import ConfigError, ModelConfig, RouterConfig, build_model
+from tests.helpers import MICRO_MODEL
 
 V = 61
 BASE = dict(vocab_size=V, d_model=32, n_layers=5, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
@@ -43,12 +44,7 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -252,12 +248,7 @@ def test_engine_errors_name_the_problem():
 # -- the decode probe (harness/bench.py) ---------------------------------------------------------------
 
 PROBE = [
-    "size=tiny",
-    "model.d_model=32",
-    "model.n_heads=2",
-    "model.n_kv_heads=1",
-    "model.d_ff=64",
-    "model.n_layers=5",
+    *MICRO_MODEL,
     "bench.weights=random",
     "bench.num_requests=6",
     "bench.gen_len_mean=8",

@@ -22,7 +22,7 @@ from harness.status import main as status_main
 from harness.status import run_state
 from harness.sweeps import MorSlurmLauncher, check_batch, validate_resources
 from models import ConfigError
-from tests.helpers import FAST_PIPELINE, ROOT, run_cli
+from tests.helpers import FAST_PIPELINE, ROOT, run_cli, spawn_cli
 
 FAST = FAST_PIPELINE
 
@@ -246,20 +246,7 @@ def test_two_concurrent_sweeps_train_each_run_once(tmp_path):
         "train.budget.value=60",
         f"results_root={tmp_path}",
     ]
-    env = {
-        **os.environ,
-        "CI": "true",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-    }
-    cmd = [sys.executable, "-m", "harness.main", *args]
-    procs = [
-        subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ]
-    procs.append(
-        subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    )
+    procs = [spawn_cli(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     runs = sorted((tmp_path / "default").iterdir())

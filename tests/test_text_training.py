@@ -4,30 +4,20 @@ finishes, and a run killed with SIGKILL resumes to exactly the same losses (acro
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 from harness import records
 from harness.config import model_config_from
 from harness.data import load_tokenizer, synthetic_documents
 from harness.train import plan_budget
 from models import build_model
-from tests.helpers import MICRO, ROOT, compose, kill_after_checkpoint
+from tests.helpers import MICRO, compose, kill_after_checkpoint, spawn_cli
 
 STEPS = 16
 
 
 def _spawn(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "harness.main", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return spawn_cli(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _losses(run_dir) -> list[float]:

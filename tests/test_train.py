@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -17,7 +15,7 @@ from harness.config import run_dir_of
 from harness.main import run
 from harness.train import NonFiniteLoss, lr_at, plan_budget, train
 from models import ConfigError, build_model
-from tests.helpers import MICRO, ROOT, compose, kill_after_checkpoint
+from tests.helpers import MICRO, compose, kill_after_checkpoint, spawn_cli
 
 
 def _model(cfg):
@@ -101,16 +99,8 @@ def _cli_args(root, extra=()):
     ]
 
 
-def _spawn(args):
-    env = {**os.environ, "CI": "true", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "harness.main", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _spawn(args: list[str]) -> subprocess.Popen:
+    return spawn_cli(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def test_resume_after_sigkill_is_exact(tmp_path):

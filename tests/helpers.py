@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,21 @@ def run_cli(
             f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
         )
     return proc
+
+
+SLURM_CONF = ROOT / ".slurm" / "slurm.conf"  # written by scripts/local_slurm.sh
+
+
+def skip_unless_local_slurm() -> None:
+    """Skip the calling test (module) unless the local test cluster is configured and its controller up."""
+    import pytest
+
+    hint = "start it with `scripts/local_slurm.sh start`"
+    if not SLURM_CONF.exists():
+        pytest.skip(f"no local Slurm cluster ({SLURM_CONF.relative_to(ROOT)} is absent): {hint}")
+    if shutil.which("sbatch") is None:
+        pytest.skip(f"Slurm client tools are not installed: {hint}")
+    env = {**os.environ, "SLURM_CONF": str(SLURM_CONF)}
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, env=env)
+    if "UP" not in ping.stdout:
+        pytest.skip(f"local Slurm is configured but its controller is not up: {hint}")

@@ -11,10 +11,8 @@ submitit shells out to sbatch/squeue/sacct/scontrol/scancel, so the tests point 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,11 +22,10 @@ import pytest
 import submitit
 from submitit.helpers import Checkpointable
 
+from tests.helpers import SLURM_CONF, skip_unless_local_slurm
+
 pytestmark = pytest.mark.slurm
 
-REPO = Path(__file__).resolve().parents[1]
-SLURM_CONF = REPO / ".slurm" / "slurm.conf"
-START_HINT = "start it with `scripts/local_slurm.sh start`"
 
 # The job runs `python -m submitit.core._submit` from the submission directory, where this test
 # module is not importable: ship its functions and classes by value instead of by reference.
@@ -37,16 +34,9 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 @pytest.fixture(scope="module", autouse=True)
 def local_slurm():
-    if not SLURM_CONF.exists():
-        pytest.skip(f"no local Slurm cluster ({SLURM_CONF.relative_to(REPO)} is absent): {START_HINT}")
-    if shutil.which("sbatch") is None:
-        pytest.skip(f"Slurm client tools are not installed: {START_HINT}")
+    skip_unless_local_slurm()
     mp = pytest.MonkeyPatch()
     mp.setenv("SLURM_CONF", str(SLURM_CONF))
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
-    if "UP" not in ping.stdout:
-        mp.undo()
-        pytest.skip(f"local Slurm is configured but its controller is not up: {START_HINT}")
     yield
     mp.undo()
 

@@ -13,8 +13,6 @@ Slurm). About 2.5 minutes on 2 cores.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,12 +22,10 @@ import pytest
 
 from harness import records
 from harness.status import run_state
-from tests.helpers import FAST_PIPELINE, MICRO, ROOT
+from tests.helpers import FAST_PIPELINE, MICRO, ROOT, SLURM_CONF, cli_env, skip_unless_local_slurm
 
 pytestmark = pytest.mark.slurm
 
-SLURM_CONF = ROOT / ".slurm" / "slurm.conf"
-START_HINT = "start it with `scripts/local_slurm.sh start`"
 FAST = [o for o in FAST_PIPELINE if not o.startswith(("train.budget.value=", "train.log_every="))] + [
     "train.budget.value=20",
     "train.log_every=5",
@@ -39,24 +35,11 @@ SWEEP = ["--multirun", "hydra/launcher=slurm_local", "model=vanilla,recursive,mo
 
 @pytest.fixture(scope="module", autouse=True)
 def local_slurm():
-    if not SLURM_CONF.exists():
-        pytest.skip(f"no local Slurm cluster ({SLURM_CONF.relative_to(ROOT)} is absent): {START_HINT}")
-    if shutil.which("sbatch") is None:
-        pytest.skip(f"Slurm client tools are not installed: {START_HINT}")
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, env=_env())
-    if "UP" not in ping.stdout:
-        pytest.skip(f"local Slurm is configured but its controller is not up: {START_HINT}")
+    skip_unless_local_slurm()
 
 
 def _env() -> dict:
-    return {
-        **os.environ,
-        "SLURM_CONF": str(SLURM_CONF),
-        "CI": "true",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
+    return {**cli_env(), "SLURM_CONF": str(SLURM_CONF)}
 
 
 def _cmd(args: list[str]) -> list[str]:

@@ -195,10 +195,12 @@ def _seg(
 
 
 class FastLayer:
-    """A Block's weights arranged for single-token decoding: Q/K/V and gate/up projections fused
-    into one matrix each when `fuse` (a copy of those weights; fewer, larger matmuls), with the
-    attention scale 1/sqrt(head_dim) folded into the query rows (RoPE is linear, so the scores are
-    the same and one kernel per layer goes)."""
+    """A Block's weights arranged for single-token decoding. With `fuse` (a copy of those weights,
+    default on CPU): Q/K/V and gate/up projections are fused into one matrix each (fewer, larger
+    matmuls), the attention scale 1/sqrt(head_dim) is folded into the query rows (RoPE is linear, so
+    the scores are the same), and each RMSNorm's weight is folded into the columns of the matrix it
+    feeds (W @ (w * n(x)) = (W diag(w)) @ n(x)), so a norm is a row scale only. Same math as
+    models.layers; only last-bit rounding differs."""
 
     def __init__(self, layer, fuse: bool):
         a, mlp = layer.self_attn, layer.mlp
@@ -209,8 +211,9 @@ class FastLayer:
         self.q_scale = 1.0 if fuse else self.hd**-0.5  # left to apply to the scores
         if fuse:
             wq = a.q_proj.weight * self.hd**-0.5
-            self.wqkv = torch.cat([wq, a.k_proj.weight, a.v_proj.weight]).detach()
-            self.wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach()
+            w1, w2 = self.n1.weight, self.n2.weight
+            self.wqkv = (torch.cat([wq, a.k_proj.weight, a.v_proj.weight]) * w1).detach()
+            self.wgu = (torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) * w2).detach()
             nq, nk = self.H * self.hd, self.kvh * self.hd
             self.wq = self.wqkv[:nq]  # row slices are views: partial projections under KV sharing
             self.wk, self.wv = self.wqkv[nq : nq + nk], self.wqkv[nq + nk :]
@@ -221,19 +224,27 @@ class FastLayer:
     def extra_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.wqkv, self.wgu)) if self.fused else 0
 
-    @staticmethod
-    def norm(m, x: Tensor) -> Tensor:
-        """models.layers.RMSNorm; in fp32 as one fused kernel (same math, last-bit rounding aside)."""
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), m.weight, m.eps)
-        return m(x)
+    def norm(self, m, x: Tensor) -> Tensor:
+        """models.layers.RMSNorm. Fused: the row scale only (the weight is in the next matrix), its
+        statistic in fp32, in 5 small kernels (F.rms_norm takes about 10 on CPU)."""
+        if not self.fused:
+            return m(x)
+        xf = x.float()
+        s = torch.linalg.vecdot(xf, xf).mul_(1.0 / x.shape[-1]).add_(m.eps).rsqrt_()
+        return (xf * s.unsqueeze(-1)).to(x.dtype)
 
-    def mlp(self, h: Tensor) -> Tensor:
+    def residual(self, x: Tensor, h: Tensor, w: Tensor) -> Tensor:
+        """x + h @ w.T for x, h [n, *]; fused: one addmm (the add inside the GEMM)."""
+        return torch.addmm(x, h, w.t()) if self.fused else x + F.linear(h, w)
+
+    def mlp(self, x: Tensor) -> Tensor:
+        """x + MLP(norm(x))."""
+        h = self.norm(self.n2, x)
         if self.fused:
             g, u = F.linear(h, self.wgu).chunk(2, -1)
         else:
             g, u = F.linear(h, self.wg), F.linear(h, self.wu)
-        return F.linear(F.silu(g) * u, self.wd)
+        return self.residual(x, F.silu(g) * u, self.wd)
 
 
 def rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
@@ -298,8 +309,8 @@ def decode_layer(
             o = torch.matmul(torch.softmax(sc, -1), vs.to(q.dtype)).view(m, H, 1, hd)
         outs.append(o if sg.sidx is None else o.index_select(0, sg.sidx))
     o = outs[0] if len(outs) == 1 else torch.cat(outs)
-    x = x + F.linear(o.reshape(n, H * hd), fl.wo)
-    return x + fl.mlp(fl.norm(fl.n2, x))
+    x = fl.residual(x, o.reshape(n, H * hd), fl.wo)
+    return fl.mlp(x)
 
 
 # -- common machinery ----------------------------------------------------------------------------

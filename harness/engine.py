@@ -225,13 +225,7 @@ class FastLayer:
         return sum(t.numel() * t.element_size() for t in (self.wqkv, self.wgu)) if self.fused else 0
 
     def norm(self, m, x: Tensor) -> Tensor:
-        """models.layers.RMSNorm. Fused: the row scale only (the weight is in the next matrix), its
-        statistic in fp32, in 5 small kernels (F.rms_norm takes about 10 on CPU)."""
-        if not self.fused:
-            return m(x)
-        xf = x.float()
-        s = torch.linalg.vecdot(xf, xf).mul_(1.0 / x.shape[-1]).add_(m.eps).rsqrt_()
-        return (xf * s.unsqueeze(-1)).to(x.dtype)
+        return rms_scale(x, m.eps) if self.fused else m(x)
 
     def residual(self, x: Tensor, h: Tensor, w: Tensor) -> Tensor:
         """x + h @ w.T for x, h [n, *]; fused: one addmm (the add inside the GEMM)."""
@@ -245,6 +239,14 @@ class FastLayer:
         else:
             g, u = F.linear(h, self.wg), F.linear(h, self.wu)
         return self.residual(x, F.silu(g) * u, self.wd)
+
+
+def rms_scale(x: Tensor, eps: float) -> Tensor:
+    """models.layers.RMSNorm without its weight (folded into the matrix that follows): the row
+    scale, computed in fp32, in 5 small kernels (F.rms_norm takes about 10 on CPU)."""
+    xf = x.float()
+    s = torch.linalg.vecdot(xf, xf).mul_(1.0 / x.shape[-1]).add_(eps).rsqrt_()
+    return (xf * s.unsqueeze(-1)).to(x.dtype)
 
 
 def rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
@@ -359,6 +361,9 @@ class DecodeEngine:
         # add a weight copy to the measured memory for little gain)
         self.fuse = self.device.type == "cpu" if fuse is None else fuse
         self.fast = {id(m): FastLayer(m, self.fuse) for m in model.layers}
+        if self.fuse:  # the final norm's weight folded into the LM head (a copy)
+            head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+            self.w_head = (head * model.norm.weight).detach()
         if attention not in ("auto", "sdpa", "matmul"):
             raise ConfigError(f"attention={attention!r} is invalid: allowed auto, sdpa, matmul")
         if attention == "auto":  # SDPA's fused kernels on GPU; plain matmuls win for q-length 1 on CPU
@@ -381,7 +386,8 @@ class DecodeEngine:
         return sum(t.numel() * t.element_size() for pair in self.buffers for t in pair)
 
     def extra_weight_bytes(self) -> int:
-        return sum(f.extra_bytes() for f in self.fast.values())
+        head = self.w_head.numel() * self.w_head.element_size() if self.fuse else 0
+        return head + sum(f.extra_bytes() for f in self.fast.values())
 
     def _widx(self, rows: np.ndarray, cols: np.ndarray, width: int | None = None) -> np.ndarray:
         """Flat [-1, head_dim] indices of (row, every kv head, col) in a [rows, n_kv, width, hd]
@@ -406,6 +412,12 @@ class DecodeEngine:
         cdf = torch.softmax(logits.float() / self.temperature, -1).cumsum_(-1)
         u = torch.rand(cdf.shape[0], 1, generator=self.gen, device=cdf.device) * cdf[:, -1:]
         return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max_(cdf.shape[-1] - 1)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """Final norm + LM head."""
+        if self.fuse:
+            return F.linear(rms_scale(x, self.model.norm.eps), self.w_head)
+        return self.model.logits(self.model.norm(x))
 
     def _emit(self, logits: Tensor, req: Tensor, k: Tensor) -> Tensor:
         """Sample, and record token k of each request (steps that generate nothing write the dummy row)."""
@@ -537,7 +549,7 @@ class SequenceEngine(DecodeEngine):
             for layer, src, project in self.slots:
                 kb, vb = self.buf_of[src]
                 x = self.layer_fn(layer, x, cos, sin, kb, vb, widx, n if project else 0, [seg])
-            tok = self._emit(self.model.logits(self.model.norm(x)), oreq_t, ok_t)
+            tok = self._emit(self._logits(x), oreq_t, ok_t)
             self.last.index_copy_(0, rows_t, tok)
             # host: advance, finish, refill
             st["steps"] += 1
@@ -686,7 +698,7 @@ class DepthWiseEngine(DecodeEngine):
                 cos, sin = self._rope(a_pos)
                 for layer, (kb, vb) in zip(self.post, self.post_buf, strict=True):
                     x = self.layer_fn(layer, x, cos, sin, kb, vb, a[4], na, [seg_a])
-            tok = self._emit(m.logits(m.norm(x)), a[2], a[3])
+            tok = self._emit(self._logits(x), a[2], a[3])
             toks = torch.cat([tok, toks])
         if not ne:
             return None

@@ -45,24 +45,71 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _requested_model_keys() -> list[str]:
-    """`model.<key>=...` overrides on this command line (none outside a Hydra app)."""
+PROBES = ("decode", "train", "memory")
+CHOICES = {
+    "weights": ("run", "random"),
+    "dtype": ("auto", "bf16", "fp32"),
+    "max_batch_rule": ("fit", "relative"),
+}
+
+
+def validate_bench(bcfg) -> None:
+    """Every bench.* value checked before any work (a typo must not cost a probe, or a training)."""
+    bad = [p for p in bcfg.probes if p not in PROBES]
+    if bad or not bcfg.probes:
+        raise ConfigError(
+            f"bench.probes={list(bcfg.probes)}: allowed a non-empty list of {', '.join(PROBES)}"
+        )
+    for key, allowed in CHOICES.items():
+        if bcfg[key] not in allowed:
+            raise ConfigError(f"bench.{key}={bcfg[key]!r} is invalid: allowed {', '.join(allowed)}")
+    if "decode" in bcfg.probes:
+        if not bcfg.batch_sizes or min(bcfg.batch_sizes) < 1:
+            raise ConfigError(
+                f"bench.batch_sizes={list(bcfg.batch_sizes)} must be a non-empty list of ints >= 1"
+            )
+        for key, low in (("num_requests", 1), ("gen_len_mean", 1), ("gen_len_std", 0), ("prompt_len", 0)):
+            if bcfg[key] < low:
+                raise ConfigError(f"bench.{key}={bcfg[key]} must be >= {low}")
+    for key, low in (("temperature", 0), ("kv_slack", 0), ("seq_slots_factor", 1), ("warmup", 0)):
+        if bcfg[key] < low:
+            raise ConfigError(f"bench.{key}={bcfg[key]} must be >= {low}")
+    if not 0 < bcfg.flush_frac <= 1:
+        raise ConfigError(f"bench.flush_frac={bcfg.flush_frac} must be in (0, 1]")
+    if bcfg.train_steps < 1:
+        raise ConfigError(f"bench.train_steps={bcfg.train_steps} must be >= 1")
+
+
+def _model_overrides() -> list[str]:
+    """`model.<key>=...` and group (`model=`, `size=`) overrides on this command line."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return []
     keys = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
-    return [k.removeprefix("model.") for k in keys if k.startswith("model.")]
+    return [k for k in keys if k.startswith("model.") or k in ("model", "size")]
 
 
 def check_run_architecture(cfg: DictConfig, run_cfg: DictConfig, run_dir: Path) -> None:
-    """A model key set on the command line must match the trained run's (e.g. model.kv: the KV
-    strategy is part of the trained model); silently benchmarking something else is worse."""
-    for key in _requested_model_keys():
-        want, have = OmegaConf.select(cfg.model, key), OmegaConf.select(run_cfg.model, key)
+    """What the command line says about the model must match the trained run (e.g. model.kv: the KV
+    strategy is part of the trained model; or model=/size= presets); silently benchmarking
+    something else is worse."""
+    for key in sorted(_model_overrides(), key=lambda k: k in ("model", "size")):  # model.* first
+        if key in ("model", "size"):  # a preset: every model key it sets must agree
+            want, have = OmegaConf.to_container(cfg.model), OmegaConf.to_container(run_cfg.model)
+            diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+            shown = ", ".join(f"model.{k}={want.get(k)} (trained: {have.get(k)})" for k in diff[:4])
+            if diff:
+                raise ConfigError(
+                    f"{key}= on the command line selects a model unlike the one {run_dir} trained: "
+                    f"{shown}: drop the override to benchmark its weights, or use bench.weights=random"
+                )
+            continue
+        k = key.removeprefix("model.")
+        want, have = OmegaConf.select(cfg.model, k), OmegaConf.select(run_cfg.model, k)
         if want != have:
             raise ConfigError(
-                f"model.{key}={want} was requested, but {run_dir} was trained with model.{key}={have}: "
+                f"model.{k}={want} was requested, but {run_dir} was trained with model.{k}={have}: "
                 "benchmark its weights as trained (drop the override) or use bench.weights=random"
             )
 
@@ -73,6 +120,11 @@ def load_bench_model(cfg: DictConfig, run_dir: Path | None, device: torch.device
         loaded = records.load_run(run_dir, device=str(device))
         check_run_architecture(cfg, loaded.config, run_dir)
         return loaded.model, "trained"
+    if cfg.bench.weights == "run" and cfg.get("run_dir"):  # named explicitly: its weights were meant
+        raise ConfigError(
+            f"run_dir={cfg.run_dir} has no checkpoint to benchmark: train it first, or set "
+            "bench.weights=random to probe a randomly initialised model"
+        )
     torch.manual_seed(cfg.seed)
     model = build_model(model_config_from(cfg.model)).to(device).eval()
     if hasattr(model, "calibrate"):
@@ -103,7 +155,13 @@ def peak_flops(device_name: str, dtype: str) -> float | None:
 
 
 def gen_lengths(bcfg, seed: int, max_len: int) -> list[int]:
-    """Generated tokens per request ~ Normal(gen_len_mean, gen_len_std), clipped to [1, context]."""
+    """Generated tokens per request ~ Normal(gen_len_mean, gen_len_std), clipped to [1, context]
+    (the mean itself must fit: a tail is clipped, a distribution is not)."""
+    if 1 + bcfg.prompt_len + bcfg.gen_len_mean > max_len:
+        raise ConfigError(
+            f"bench.prompt_len={bcfg.prompt_len} + 1 BOS + bench.gen_len_mean={bcfg.gen_len_mean} "
+            f"exceeds the model's context model.max_seq_len={max_len}"
+        )
     g = torch.Generator().manual_seed(seed)
     lens = torch.normal(
         float(bcfg.gen_len_mean), float(max(bcfg.gen_len_std, 0)), (bcfg.num_requests,), generator=g
@@ -334,6 +392,7 @@ def train_probe(model, core, cfg: DictConfig, device, autocast, dtype: str) -> d
 
 def run_bench(cfg: DictConfig, run_dir: Path | None) -> list[dict]:
     bcfg = cfg.bench
+    validate_bench(bcfg)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     autocast = autocast_for(bcfg.dtype, device)
     model, weights = load_bench_model(cfg, run_dir, device)
@@ -390,13 +449,12 @@ def run_bench(cfg: DictConfig, run_dir: Path | None) -> list[dict]:
         elif probe == "memory":
             elem = 2 if base["dtype"] == "bf16" else 4
             params_b = sum(p.numel() * p.element_size() for p in core.parameters())
-            kv = core.kv_bytes_per_token(elem) * core.cfg.max_seq_len
+            kv = round(core.kv_bytes_per_token(elem) * core.cfg.max_seq_len)
             rows.append({**base, "probe": "memory", "param_bytes": params_b, "kv_bytes_per_seq": kv})
-        else:
-            raise ConfigError(f"bench.probes contains {probe!r}: allowed decode, train, memory")
     if run_dir is not None:
         for r in rows:
             records.append_jsonl(Path(run_dir) / "bench.jsonl", r)
+    shown = ("batch_size", "tokens_per_s", "mfu", "peak_mem_bytes", "param_bytes", "kv_bytes_per_seq")
     for r in rows:
-        log.info("bench %s: %s", r["probe"], {k: r[k] for k in ("tokens_per_s", "batch_size") if k in r})
+        log.info("bench %s: %s", r["probe"], {k: r[k] for k in shown if k in r})
     return rows

@@ -23,20 +23,20 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from models import ModelConfig, build_model
 
 from . import records
 
-SIZES = {
-    "tiny": dict(vocab_size=512, d_model=128, n_layers=8, n_heads=4, n_kv_heads=2, d_ff=384, max_seq_len=512),
-    "small": dict(
-        vocab_size=512, d_model=256, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=768, max_seq_len=1024
-    ),
-    "medium": dict(
-        vocab_size=512, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=1536, max_seq_len=1024
-    ),
-}
+
+def _size(name: str) -> dict:
+    """The model keys of a conf/size preset (one source of truth for sizes)."""
+    path = Path(__file__).parents[1] / "conf" / "size" / f"{name}.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path).model)
+
+
+SIZES = {name: _size(name) for name in ("tiny", "small", "medium")}
 
 
 def _median_time(fn, warmup: int, iters: int) -> float:

@@ -2,12 +2,14 @@
 
     mor-run   experiment=demo -m            # every stage, a multirun over the preset's models
     mor-train model=mor_expert size=tiny    # train only (stages=[train])
-    mor-eval  run_dir=results/runs/demo/model=vanilla eval=paper
+    mor-eval  "run_dir='results/runs/demo/model=vanilla'" eval=paper
     mor-bench model=mor_expert size=small bench.weights=random
 
 The run directory is derived from the overrides that define the run (not from eval/bench keys),
-so every entry point finds the same place. A run with `DONE` is skipped; a run with a checkpoint
-resumes; a lock file keeps two jobs from working on one run at once.
+so every entry point finds the same place. Run names contain `=` and `,`, so a `run_dir=` value
+is quoted for Hydra's override parser as above. A job that trains skips a run with `DONE`;
+mor-eval / mor-bench on a finished run evaluate or probe it again. A run with a checkpoint resumes;
+a lock file keeps two jobs from working on one run at once.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from models import ConfigError
@@ -155,8 +158,17 @@ def run(cfg: DictConfig) -> str:
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad:
         raise ConfigError(f"stages={list(cfg.stages)} contains {bad}: allowed {', '.join(STAGES)}")
+    if "bench" in cfg.stages:  # a typo in bench.* fails now, not after training
+        from .bench import validate_bench
+
+        validate_bench(cfg.bench)
     run_dir = resolve_run(cfg)
-    if (run_dir / "DONE").exists():
+    # a job that trains completes the run: once DONE there is nothing left to do. Evaluating or
+    # probing a run is asked for explicitly (mor-eval / mor-bench run_dir=...): DONE does not stop it
+    skip_done = "train" in cfg.stages
+    if cfg.run_dir and not skip_done and not run_dir.exists():
+        raise ConfigError(f"run_dir={cfg.run_dir} does not exist (stages={list(cfg.stages)} need a run)")
+    if skip_done and (run_dir / "DONE").exists():
         log.info("%s: DONE, skipping", run_dir)
         return "skipped"
     attempts_file = run_dir / "attempts.json"
@@ -169,7 +181,7 @@ def run(cfg: DictConfig) -> str:
         if not locked:
             log.warning("%s is locked by another job; skipping", run_dir)
             stop = "locked"
-        elif (run_dir / "DONE").exists():  # finished by the job that held the lock while we waited
+        elif skip_done and (run_dir / "DONE").exists():  # finished by the job that held the lock
             log.info("%s: DONE, skipping", run_dir)
             stop = "skipped"
         elif attempts["failed"] >= cfg.train.max_retries:
@@ -213,10 +225,16 @@ def run(cfg: DictConfig) -> str:
     return "ran"
 
 
+class UserError(CompactHydraException):
+    """A ConfigError at the command line: Hydra prints its message alone, without a traceback."""
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> str:
     try:
         return run(cfg)
+    except ConfigError as e:
+        raise UserError(f"error: {e}") from None
     except Exception as e:
         from .train import Preempted
 

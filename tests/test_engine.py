@@ -363,19 +363,84 @@ def test_equal_length_batch_reads_unmasked(name):
 
 
 def test_bench_of_a_trained_run_refuses_another_architecture(tmp_path):
-    """`mor-bench run_dir=X model.kv=share` on a run trained with recursion-wise caching: one clear
-    error instead of silently benchmarking the trained model."""
+    """`mor-bench run_dir=X model.kv=share` (or a size=/model= preset unlike the run's) on a trained
+    run: one clear error, no traceback, instead of silently benchmarking the trained model. A
+    finished run (DONE) is still probed when asked; a run_dir that does not exist is an error."""
+    from harness import records
     from tests.helpers import MICRO, ROOT, run_cli
 
     train = [*MICRO, "model=mor_expert", "train.budget.kind=steps", "train.budget.value=2"]
     run_cli([*train, "stages=[train]", f"results_root={tmp_path}", "run_name=r"], cwd=ROOT)
     run = tmp_path / "default" / "r"
+    (run / "DONE").touch()  # a finished run: mor-bench probes it anyway
     bench = [*PROBE, "stages=[bench]", f"run_dir={run}", "bench.weights=run"]
     proc = run_cli([*bench, "model=mor_expert", "model.kv=share"], cwd=ROOT, check=False)
-    assert proc.returncode != 0
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "model.kv=share was requested" in proc.stdout + proc.stderr and "model.kv=cache" in proc.stderr
+    proc = run_cli([*bench, "model=mor_expert", "size=small"], cwd=ROOT, check=False)
+    assert proc.returncode != 0 and "size= on the command line" in proc.stderr
+    assert "model.max_seq_len=1024 (trained: 512)" in proc.stderr
+    missing = [*PROBE, "stages=[bench]", f"run_dir={tmp_path / 'typo'}"]
+    proc = run_cli(missing, cwd=ROOT, check=False)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr and not (tmp_path / "typo").exists()
     ok = run_cli([*bench, "model=mor_expert"], cwd=ROOT)  # no architecture override: benchmarks it
-    assert ok.returncode == 0 and (run / "bench.jsonl").exists()
+    rows = records.read_jsonl(run / "bench.jsonl")
+    assert ok.returncode == 0 and [r["weights"] for r in rows] == ["trained"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "bench.probes=[decode,nosuch]",
+            "bench.probes=['decode', 'nosuch']: allowed a non-empty list of decode",
+        ),
+        ("bench.dtype=fp16", "bench.dtype='fp16' is invalid: allowed auto, bf16, fp32"),
+        ("bench.weights=foo", "bench.weights='foo' is invalid: allowed run, random"),
+        ("bench.batch_sizes=[]", "bench.batch_sizes=[] must be a non-empty list"),
+        ("bench.batch_sizes=[0]", "bench.batch_sizes=[0] must be a non-empty list of ints >= 1"),
+        ("bench.temperature=-1", "bench.temperature=-1.0 must be >= 0"),
+        ("bench.flush_frac=0", "bench.flush_frac=0.0 must be in (0, 1]"),
+        (
+            "bench.gen_len_mean=600",
+            "bench.gen_len_mean=600 exceeds the model's context model.max_seq_len=512",
+        ),
+    ],
+)
+def test_bad_bench_values_fail_before_any_work(tmp_path, override, message):
+    """Each bad bench.* value names its key and the allowed values, before a model is built (and,
+    in a full pipeline, before training: run() validates bench.* first)."""
+    from harness import bench as bench_mod
+    from harness.main import run
+    from tests.helpers import compose
+
+    cfg = compose([*PROBE, override, "stages=[train,eval,bench]", f"results_root={tmp_path}"])
+    built = []
+    orig = bench_mod.build_model
+    bench_mod.build_model = lambda *a, **k: built.append(1) or orig(*a, **k)
+    try:
+        with pytest.raises(ConfigError) as e:
+            run(cfg) if "gen_len" not in override else bench_mod.run_bench(cfg, None)
+    finally:
+        bench_mod.build_model = orig
+    assert message in str(e.value)
+    assert not list(tmp_path.rglob("checkpoint*")) and (not built or "gen_len" in override)
+
+
+@pytest.mark.parametrize("preset, probe", [("train", "train"), ("memory", "memory")])
+def test_bench_presets_run_their_probe(tmp_path, preset, probe):
+    """`bench=train` and `bench=memory` are presets of the one entry point (as is bench=decode)."""
+    from harness.bench import run_bench
+    from tests.helpers import MICRO, compose
+
+    rows = run_bench(
+        compose([*MICRO, f"bench={preset}", "bench.weights=random", "bench.train_steps=1"]), tmp_path
+    )
+    assert [r["probe"] for r in rows] == [probe]
+    if probe == "memory":
+        assert isinstance(rows[0]["kv_bytes_per_seq"], int) and rows[0]["param_bytes"] > 0
+    else:
+        assert rows[0]["tokens_per_s"] > 0 and rows[0]["mfu"] is None  # no peak for a CPU
 
 
 @pytest.mark.slow

@@ -422,12 +422,16 @@ def run_bench(cfg: DictConfig, run_dir: Path | None) -> list[dict]:
             mem = memory_fit(core, bcfg, elem, max_len)
             check_batches(bcfg, mem)
             batches = [(bs, "fixed") for bs in bcfg.batch_sizes]
-            if bcfg.max_batch:
-                b_max = max_batch_size(bcfg, mem)
-                # a batch beyond the queue would only allocate idle rows
+            b_max = max_batch_size(bcfg, mem) if bcfg.max_batch else None
+            if b_max is not None:  # a batch beyond the queue would only allocate idle rows
                 batches.append((max(1, min(b_max, len(lengths))), "max"))
             ctx = _decode_context(lengths, 1 + bcfg.prompt_len)
             for bs, kind in batches:
+                log.info(
+                    "decode probe: batch %d (%s), %d requests, %d tokens%s",
+                    *(bs, kind, len(lengths), sum(lengths)),
+                    " (compiling first: minutes on CPU)" if bcfg.compile else "",
+                )
                 res = decode_probe(dec, bcfg, bs, lengths, device, seed=cfg.seed)
                 rows.append(
                     {
@@ -438,6 +442,7 @@ def run_bench(cfg: DictConfig, run_dir: Path | None) -> list[dict]:
                         **res,
                         **decode_accounting(core, res, elem, ctx),
                         "max_batch_rule": bcfg.max_batch_rule,
+                        "max_batch_computed": b_max,  # before clipping to the number of requests
                         "max_batch_fit": mem["fit"],
                         "max_batch_fit_vanilla": mem["fit_vanilla"],
                         "memory_budget_gb": bcfg.memory_budget_gb,

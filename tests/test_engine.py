@@ -269,6 +269,8 @@ def test_decode_probe_rows(tmp_path, model):
     assert rows == records.read_jsonl(tmp_path / "bench.jsonl")
     fixed, top = rows
     assert (fixed["batch_kind"], fixed["batch_size"], top["batch_kind"]) == ("fixed", 2, "max")
+    # the relative max batch (B0 x fit ratio) is clipped to the 6 requests, and recorded unclipped
+    assert top["batch_size"] == min(6, top["max_batch_computed"]) and top["max_batch_computed"] >= 2
     for r in rows:
         assert r["probe"] == "decode" and r["tokens_per_s"] > 0 and r["ms_per_step"] > 0
         assert r["generated_tokens"] == sum(gen_lengths_of(cfg)) and r["peak_mem_bytes"] > 0

@@ -56,10 +56,8 @@ CHOICES = {
 def validate_bench(bcfg) -> None:
     """Every bench.* value checked before any work (a typo must not cost a probe, or a training)."""
     bad = [p for p in bcfg.probes if p not in PROBES]
-    if bad or not bcfg.probes:
-        raise ConfigError(
-            f"bench.probes={list(bcfg.probes)}: allowed a non-empty list of {', '.join(PROBES)}"
-        )
+    if bad:  # [] is allowed: a pipeline whose bench stage probes nothing (e.g. experiment=routers)
+        raise ConfigError(f"bench.probes={list(bcfg.probes)}: allowed a list of {', '.join(PROBES)}")
     for key, allowed in CHOICES.items():
         if bcfg[key] not in allowed:
             raise ConfigError(f"bench.{key}={bcfg[key]!r} is invalid: allowed {', '.join(allowed)}")

@@ -395,7 +395,7 @@ def test_bench_of_a_trained_run_refuses_another_architecture(tmp_path):
     [
         (
             "bench.probes=[decode,nosuch]",
-            "bench.probes=['decode', 'nosuch']: allowed a non-empty list of decode",
+            "bench.probes=['decode', 'nosuch']: allowed a list of decode",
         ),
         ("bench.dtype=fp16", "bench.dtype='fp16' is invalid: allowed auto, bf16, fp32"),
         ("bench.weights=foo", "bench.weights='foo' is invalid: allowed run, random"),

@@ -92,23 +92,23 @@ def check_run_architecture(cfg: DictConfig, run_cfg: DictConfig, run_dir: Path) 
     """What the command line says about the model must match the trained run (e.g. model.kv: the KV
     strategy is part of the trained model; or model=/size= presets); silently benchmarking
     something else is worse."""
-    for key in sorted(_model_overrides(), key=lambda k: k in ("model", "size")):  # model.* first
-        if key in ("model", "size"):  # a preset: every model key it sets must agree
-            want, have = OmegaConf.to_container(cfg.model), OmegaConf.to_container(run_cfg.model)
-            diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
-            shown = ", ".join(f"model.{k}={want.get(k)} (trained: {have.get(k)})" for k in diff[:4])
-            if diff:
-                raise ConfigError(
-                    f"{key}= on the command line selects a model unlike the one {run_dir} trained: "
-                    f"{shown}: drop the override to benchmark its weights, or use bench.weights=random"
-                )
-            continue
-        k = key.removeprefix("model.")
+    overrides = _model_overrides()
+    for k in (o.removeprefix("model.") for o in overrides if o.startswith("model.")):
         want, have = OmegaConf.select(cfg.model, k), OmegaConf.select(run_cfg.model, k)
         if want != have:
             raise ConfigError(
                 f"model.{k}={want} was requested, but {run_dir} was trained with model.{k}={have}: "
                 "benchmark its weights as trained (drop the override) or use bench.weights=random"
+            )
+    groups = [g for g in ("model", "size") if g in overrides]
+    if groups:  # a preset: every model key it sets must agree
+        want, have = OmegaConf.to_container(cfg.model), OmegaConf.to_container(run_cfg.model)
+        diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+        if diff:
+            shown = ", ".join(f"model.{k}={want.get(k)} (trained: {have.get(k)})" for k in diff[:4])
+            raise ConfigError(
+                f"{'= / '.join(groups)}= on the command line selects a model unlike the one {run_dir} "
+                f"trained: {shown}: drop the override to benchmark its weights, or use bench.weights=random"
             )
 
 

@@ -34,14 +34,16 @@ its position). Shared-block layer j has one buffer with a column region per recu
 max_len x (1 + kv_slack), so the allocation itself shows the (N_r + 1) / 2N_r saving; a sequence whose
 tokens go deeper than that widens the region (a copy into a wider buffer, counted in
 stats["kv_grows"]). Under recursive KV sharing only region 0 exists and later recursions read it
-without projecting K/V. The host knows every length, so masks are `arange(L) < count` with L the
-step's longest (a Python int: caches are sliced to the active bound). Keys carry RoPE of their
+without projecting K/V. The host knows every length, so it builds each read's additive attention
+bias (0 on a row's first `count` keys, -inf after; L the step's longest, a Python int: caches are
+sliced to the active bound) and gather indices in numpy, and uploads them with the step's other
+arrays (`_Pack`: one int and one float host-to-device copy per stage). Keys carry RoPE of their
 absolute positions, so a compacted recursion cache needs no position table.
 
 Reading the caches of a batch of items, per recursion segment of the step (`_seg`, one region):
 *identity* (the items are exactly the slot rows, in order: read in place), *slab* (at least half
-of the rows are items: attend over all rows in place with zero queries
-on the other rows and drop their outputs), or *gather* (copy just the items' rows). No loop over
+of the rows are items: attend over all rows in place with zero queries on the other rows and drop
+their outputs), or *gather* (copy just the items' rows). No loop over
 tokens; the only Python loops in a step are over layers and (at most N_r) recursion segments.
 
 On CPU the engine fuses Q/K/V and gate/up weights (a copy) and computes q-length-1 attention as two
@@ -92,19 +94,30 @@ def make_engine(model, batch_size: int, max_len: int, **kw) -> DecodeEngine:
 
 
 class _Pack:
-    """Host int arrays gathered into one device tensor: one host-to-device copy per stage."""
+    """Host arrays gathered into one device tensor per kind: the int64 parts (indices, counts) and
+    the float parts (attention biases, in the engine's dtype). Two host-to-device copies per stage."""
 
     def __init__(self):
         self.parts: list[np.ndarray] = []
+        self.fparts: list[np.ndarray] = []
 
     def put(self, arr) -> int:
         self.parts.append(np.asarray(arr, dtype=np.int64).reshape(-1))
         return len(self.parts) - 1
 
-    def upload(self, device) -> list[Tensor]:
-        sizes = [len(a) for a in self.parts]
-        flat = torch.tensor(np.concatenate(self.parts), dtype=torch.long, device=device)
-        return list(torch.split(flat, sizes))
+    def putf(self, arr: np.ndarray) -> int:
+        self.fparts.append(arr.reshape(-1))
+        return len(self.fparts) - 1
+
+    def upload(self, device, dtype: torch.dtype) -> list[Tensor]:
+        """The int parts as device tensors; the float parts are kept in `self.floats`."""
+        self.floats = self._flat(self.fparts, device, dtype) if self.fparts else []
+        return self._flat(self.parts, device, torch.long)
+
+    @staticmethod
+    def _flat(parts: list[np.ndarray], device, dtype) -> list[Tensor]:
+        flat = torch.from_numpy(np.concatenate(parts)).to(device=device, dtype=dtype)
+        return list(torch.split(flat, [len(a) for a in parts]))
 
 
 @dataclass
@@ -117,44 +130,30 @@ class _Seg:
     gather: item i's keys are copied from its own row and column window (one index_select of the
         buffer viewed as [-1, head_dim]: items of several recursions, whose windows start at different
         columns, in one read).
-    `_i` holds packed-array slots until `resolve()` turns them into tensors."""
+    mask: additive attention bias [rows or items, 1, 1, L] (0 or -inf), None when no key is masked.
+    Every index and bias is built on the host (numpy); `_i` holds their pack slots until `resolve()`."""
 
     a: int
     b: int
     rows: int
     L: int
     c0: int = 0
-    kvh: int = 0  # gather: kv heads and buffer columns, to build the flat indices
-    width: int = 0
     sidx: Tensor | None = None
     gather: Tensor | None = None
-    mask: Tensor | None = None  # None: no key is masked
-    bias: bool = False  # the mask is an additive bias (matmul attention), not a bool (SDPA)
+    mask: Tensor | None = None
+    sdpa: bool = False  # attend with F.scaled_dot_product_attention (GPU) instead of two matmuls
     _i: tuple = ()
 
-    def resolve(self, parts: list[Tensor], bias_dtype: torch.dtype | None = None) -> None:
-        """Packed slots -> tensors; the mask as bool, or as an additive bias of `bias_dtype`."""
-        kind, idx, cnt = self._i
-        count = parts[cnt]
-        dev = count.device
+    def resolve(self, parts: list[Tensor], pack: _Pack, sdpa: bool) -> None:
+        """Pack slots -> device tensors (after `pack.upload`)."""
+        kind, idx, bias = self._i
         if kind == "slab":
             self.sidx = parts[idx]
-        elif kind == "gather":  # flat [item, kv head, column] indices from each item's window start
-            row, c0 = parts[idx], parts[idx + 1]
-            heads = torch.arange(self.kvh, device=dev) * self.width
-            # columns past an item's count are masked; clamped so a window never leaves the buffer
-            cols = (c0[:, None] + torch.arange(self.L, device=dev)).clamp_max_(self.width - 1)
-            base = row * (self.kvh * self.width)
-            self.gather = (base[:, None, None] + heads[None, :, None] + cols[:, None, :]).reshape(-1)
-        self.bias = bias_dtype is not None
-        if kind == "full":  # every row attends to all L keys: nothing to mask
-            return
-        keep = (torch.arange(self.L, device=dev) < count[:, None]).view(-1, 1, 1, self.L)
-        if bias_dtype is None:
-            self.mask = keep
-        else:
-            zero = torch.zeros((), dtype=bias_dtype, device=dev)
-            self.mask = zero.masked_fill(~keep, float("-inf"))
+        elif kind == "gather":
+            self.gather = parts[idx]
+        if bias >= 0:
+            self.mask = pack.floats[bias].view(-1, 1, 1, self.L)
+        self.sdpa = sdpa
 
 
 def _seg_kind(slab: int, rows: np.ndarray) -> str:
@@ -162,6 +161,11 @@ def _seg_kind(slab: int, rows: np.ndarray) -> str:
         return "identity"
     # reading the whole slab in place beats copying half of it (measured, CPU)
     return "slab" if 2 * len(rows) >= slab else "gather"
+
+
+def _bias(counts: np.ndarray, L: int) -> np.ndarray:
+    """Additive attention bias [len(counts), L]: 0 on each row's first `count` keys, -inf after."""
+    return np.where(np.arange(L) < counts[:, None], np.float32(0), np.float32(-np.inf))
 
 
 def _seg(
@@ -179,18 +183,19 @@ def _seg(
     their keys from column c0 on (one int, or one per item: then always a gather)."""
     per_item = isinstance(c0, np.ndarray)
     kind = "gather" if per_item else _seg_kind(slab, rows)
-    seg = _Seg(a, b, slab, int(counts.max()), 0 if per_item else c0, kvh, width)
-    if kind == "identity":
-        full = bool((counts == seg.L).all())  # e.g. a batch of equal-length requests
-        seg._i = ("full" if full else kind, -1, pack.put(counts))
-    elif kind == "slab":
-        full = np.ones(slab, dtype=np.int64)
-        full[rows] = counts
-        seg._i = (kind, pack.put(rows), pack.put(full))
-    else:
-        idx = pack.put(rows)
-        pack.put(np.broadcast_to(c0, rows.shape))  # window starts, read back as parts[idx + 1]
-        seg._i = (kind, idx, pack.put(counts))
+    L = int(counts.max())
+    seg = _Seg(a, b, slab, L, 0 if per_item else c0)
+    idx, masked = -1, counts
+    if kind == "slab":  # the other rows attend to one key (their outputs are dropped)
+        idx, masked = pack.put(rows), np.ones(slab, dtype=np.int64)
+        masked[rows] = counts
+    elif kind == "gather":  # flat [item, kv head, column] indices from each item's window start
+        # columns past an item's count are masked; clamped so a window never leaves the buffer
+        cols = np.minimum(np.broadcast_to(c0, rows.shape)[:, None] + np.arange(L), width - 1)
+        heads = rows[:, None] * kvh + np.arange(kvh)
+        idx = pack.put(heads[:, :, None] * width + cols[:, None, :])
+    full = kind == "identity" and bool((counts == L).all())  # e.g. a batch of equal-length requests
+    seg._i = (kind, idx, -1 if full else pack.putf(_bias(masked, L)))
     return seg
 
 
@@ -299,7 +304,7 @@ def decode_layer(
             ks, vs = kb[: sg.rows, :, cols], vb[: sg.rows, :, cols]
             if sg.sidx is not None:
                 qs = q.new_zeros(sg.rows, H, 1, hd).index_copy_(0, sg.sidx, qs)
-        if not sg.bias:  # fused kernel (GPU)
+        if sg.sdpa:  # fused kernel (GPU)
             o = F.scaled_dot_product_attention(
                 qs, ks.to(q.dtype), vs.to(q.dtype), attn_mask=sg.mask, enable_gqa=kvh != H, scale=fl.q_scale
             )
@@ -369,7 +374,6 @@ class DecodeEngine:
         if attention == "auto":  # SDPA's fused kernels on GPU; plain matmuls win for q-length 1 on CPU
             attention = "sdpa" if self.device.type == "cuda" else "matmul"
         self.attention = attention
-        self.bias_dtype = None if attention == "sdpa" else self.dtype
         self.stats: dict = {}
 
     def _buf(self, rows: int, cols: int | None = None) -> tuple[Tensor, Tensor]:
@@ -400,6 +404,13 @@ class DecodeEngine:
         if self.gather_only and not isinstance(c0, np.ndarray):
             c0 = np.full(len(rows), c0, dtype=np.int64)
         return _seg(pack, a, b, slab, rows, counts, width, self.cfg.n_kv_heads, c0)
+
+    def _upload(self, pack: _Pack, segs: list[_Seg]) -> list[Tensor]:
+        """One stage's host arrays to the device; the segments' indices and biases resolved."""
+        parts = pack.upload(self.device, self.dtype)
+        for sg in segs:
+            sg.resolve(parts, pack, self.attention == "sdpa")
+        return parts
 
     def _rope(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         hd = self.cos.shape[-1]
@@ -541,9 +552,8 @@ class SequenceEngine(DecodeEngine):
             ix.append(pack.put(np.where(produces, ngen[rows], 0)))
             ix.append(pack.put(self._widx(rows, pos)))
             seg = self._read(pack, 0, n, B, rows, pos + 1, self.max_len)
-            parts = pack.upload(self.device)
+            parts = self._upload(pack, [seg])
             rows_t, pos_t, ptok_t, inp_t, oreq_t, ok_t, widx = (parts[i] for i in ix)
-            seg.resolve(parts, self.bias_dtype)
             cos, sin = self._rope(pos_t)
             x = self.model.embed_tokens(torch.where(inp_t.bool(), ptok_t, self.last[rows_t]))
             for layer, src, project in self.slots:
@@ -838,10 +848,7 @@ class DepthWiseEngine(DecodeEngine):
                 seg_e = (
                     self._read(pack, 0, ne, S, e_arr, e_pos + 1, self.max_len) if ne and self.pre else None
                 )
-                parts = pack.upload(self.device)
-                for sg in (seg_a, seg_e):
-                    if sg is not None:
-                        sg.resolve(parts, self.bias_dtype)
+                parts = self._upload(pack, [sg for sg in (seg_a, seg_e) if sg is not None])
                 entry = self._edge([parts[i] for i in ia], [parts[i] for i in ie], seg_a, seg_e)
                 st["edge_steps"] += 1
                 st["edge_exits"] += na
@@ -894,9 +901,7 @@ class DepthWiseEngine(DecodeEngine):
                         self._read(pack, i, j, S, items[i:j], count[i:j], width, off[rr])
                         for rr, i, j in depths
                     ]
-                parts = pack.upload(self.device)
-                for sg in segs:
-                    sg.resolve(parts, self.bias_dtype)
+                parts = self._upload(pack, segs)
                 dec = self._block([parts[i] for i in it], n_proj, segs, depths)
                 st["block_steps"] += 1
                 st["block_items"] += n

@@ -117,7 +117,7 @@ class _Pack:
     @staticmethod
     def _flat(parts: list[np.ndarray], device, dtype) -> list[Tensor]:
         flat = torch.from_numpy(np.concatenate(parts)).to(device=device, dtype=dtype)
-        return list(torch.split(flat, [len(a) for a in parts]))
+        return list(flat.split_with_sizes([len(a) for a in parts]))
 
 
 @dataclass
@@ -361,7 +361,8 @@ class DecodeEngine:
         self.gather_only = compile
         cos, sin = model.rotary.cos.to(self.dtype), model.rotary.sin.to(self.dtype)
         half = sin.shape[-1] // 2
-        self.cos, self.sin = cos, torch.cat([-sin[:, :half], sin[:, half:]], -1)
+        # one [positions, 2, head_dim] table: an item's cos and signed sin in one index_select
+        self.rope_table = torch.stack([cos, torch.cat([-sin[:, :half], sin[:, half:]], -1)], 1)
         # fused Q/K/V and gate/up matrices cut per-call overhead (default on CPU; on GPU they would
         # add a weight copy to the measured memory for little gain)
         self.fuse = self.device.type == "cpu" if fuse is None else fuse
@@ -413,8 +414,8 @@ class DecodeEngine:
         return parts
 
     def _rope(self, pos: Tensor) -> tuple[Tensor, Tensor]:
-        hd = self.cos.shape[-1]
-        return self.cos[pos].view(-1, 1, hd), self.sin[pos].view(-1, 1, hd)
+        cs = self.rope_table.index_select(0, pos)
+        return cs[:, :1], cs[:, 1:]
 
     def _sample(self, logits: Tensor) -> Tensor:
         if self.temperature <= 0:
@@ -630,12 +631,13 @@ class DepthWiseEngine(DecodeEngine):
         # region r holds up to W[r] entries per slot: capacity share x max_len x (1 + kv_slack),
         # grown (copied into a wider buffer) if a sequence's tokens go deeper than that
         caps = model.depth_fractions()
-        self.W = [max_len] + [
-            min(max_len, max(1, math.ceil(caps[r] * max_len * (1 + kv_slack)))) for r in range(1, self.R)
-        ]
+        self._set_widths(
+            [max_len]
+            + [min(max_len, max(1, math.ceil(caps[r] * max_len * (1 + kv_slack)))) for r in range(1, self.R)]
+        )
         self.pre_buf = [self._buf(self.S) for _ in self.pre]
         self.post_buf = [self._buf(self.S) for _ in self.post]
-        self.block_buf = [self._buf(self.S, sum(self.W)) for _ in self.block]
+        self.block_buf = [self._buf(self.S, self.width) for _ in self.block]
         self.buffers = self.pre_buf + self.post_buf + self.block_buf
         d = self.cfg.d_model
         self.X = torch.zeros(self.S, d, dtype=self.dtype, device=self.device)  # in-flight hidden state
@@ -658,20 +660,23 @@ class DepthWiseEngine(DecodeEngine):
         ):
             self.stacked = torch.cat([sc.weight for sc in self.router.scorers]).detach()
 
-    @property
-    def off(self) -> list[int]:
-        """Column offset of each recursion region in the block-layer buffers."""
-        return [sum(self.W[:r]) for r in range(self.R)]
+    def _set_widths(self, widths: list[int]) -> None:
+        """Region widths W; column offset of each region (`off`, `off_np`); total columns `width`."""
+        self.W = widths
+        self.off = [sum(widths[:r]) for r in range(self.R)]
+        self.off_np = np.array(self.off, dtype=np.int64)
+        self.width = sum(widths)
 
     def _grow(self, r: int, need: int) -> None:
         """Widen region r to at least `need` columns (x1.5 steps), copying every region over."""
         old_w, old_off = self.W, self.off
-        self.W = list(old_w)
-        self.W[r] = min(self.max_len, max(need, math.ceil(old_w[r] * 1.5)))
+        widths = list(old_w)
+        widths[r] = min(self.max_len, max(need, math.ceil(old_w[r] * 1.5)))
+        self._set_widths(widths)
         new_off = self.off
         bufs = []
         for kb, vb in self.block_buf:
-            nk, nv = self._buf(self.S, sum(self.W))
+            nk, nv = self._buf(self.S, self.width)
             for q in range(self.R):
                 src, dst = slice(old_off[q], old_off[q] + old_w[q]), slice(new_off[q], new_off[q] + old_w[q])
                 nk[:, :, dst], nv[:, :, dst] = kb[:, :, src], vb[:, :, src]
@@ -701,9 +706,9 @@ class DepthWiseEngine(DecodeEngine):
         na, ne = len(a[0]), len(e[0])
         if na:
             a_rows, a_pos = a[0], a[1]
-            x = self.X[a_rows]
+            x = self.X.index_select(0, a_rows)
             if not self.expert:  # token-choice output: h_1 + g * Block^d(h_1)
-                x = self.H1[a_rows] + self.G[a_rows, None] * x
+                x = torch.addcmul(self.H1.index_select(0, a_rows), self.G.index_select(0, a_rows)[:, None], x)
             if self.post:
                 cos, sin = self._rope(a_pos)
                 for layer, (kb, vb) in zip(self.post, self.post_buf, strict=True):
@@ -735,13 +740,13 @@ class DepthWiseEngine(DecodeEngine):
         Expert-choice: scores the next recursion, stores its gate, and returns continue? per item
         (None when the host knows every answer)."""
         rows, pos = t[0], t[1]
-        x0 = self.X[rows]
+        x0 = self.X.index_select(0, rows)
         cos, sin = self._rope(pos)
         x = x0
         for layer, (kb, vb) in zip(self.block, self.block_buf, strict=True):
             x = self.layer_fn(layer, x, cos, sin, kb, vb, t[2], n_proj, segs)
         if self.expert:
-            x = x0 + self.G[rows, None] * x
+            x = torch.addcmul(x0, self.G.index_select(0, rows)[:, None], x)
         self.X.index_copy_(0, rows, x)
         if not self.expert or all(self.known[r + 1] for r, _, _ in depths if r + 1 < self.N):
             if self.expert:  # gates of the next recursion are still needed
@@ -792,52 +797,52 @@ class DepthWiseEngine(DecodeEngine):
             req[row] = -1
             free.append(row)
 
-        def exit_row(row: int, d: int) -> None:
-            exits.append(row)
-            hist[row, d] += 1
-            dcount[d] += 1
+        def exit_rows(rows: np.ndarray, d: np.ndarray) -> None:
+            """Rows whose token finished its recursions at depths d (FIFO, in order) wait for the edge."""
+            exits.extend(rows.tolist())
+            hist[rows, d] += 1  # a row exits at most once per step
+            dcount[:] += np.bincount(d, minlength=N + 1)
 
         while True:
             # -- edge stage --------------------------------------------------------------------------
             a: list[int] = []
             if exits and (len(exits) >= self.F or not (block or queue)):
                 a = [exits.popleft() for _ in range(min(len(exits), B))]
-            a_arr = np.array(a, dtype=np.int64)
-            a_pos = fed[a_arr] - 1  # position (= index) of the token that just finished
-            ai = req[a_arr]
-            gen = a_pos >= plen[ai] - 1
-            out_req = np.where(gen, ai, len(reqs))  # prompt tokens write the dummy row
-            out_k = np.where(gen, ngen[a_arr], 0)
-            ngen[a_arr] += gen
-            st["tokens_generated"] += int(gen.sum())
-            done = ngen[a_arr] == max_new[ai]
-            for row in a_arr[done]:
-                finish_row(int(row))
-            go_on = ~done
-            e_rows = a_arr[go_on].tolist()
-            e_pos = (a_pos[go_on] + 1).tolist()
-            e_src = np.flatnonzero(go_on).tolist()  # the token just sampled ...
-            ptoks = []
-            for k in np.flatnonzero(a_pos[go_on] + 1 < plen[ai[go_on]]).tolist():  # ... or the prompt's
-                i = int(ai[go_on][k])
-                e_src[k] = len(a) + len(ptoks)
-                ptoks.append(reqs[i].prompt_ids[e_pos[k]])
-            fresh = []
-            while free and waiting:
-                row = free.popleft()
-                i = waiting.popleft()
-                req[row], fed[row], ngen[row] = i, 0, 0
-                lens[:, row] = 0
-                hist[row] = 0
-                self._admit(i)
-                fresh.append(row)
-                e_rows.append(row)
-                e_pos.append(0)
-                e_src.append(len(a) + len(ptoks))
-                ptoks.append(reqs[i].prompt_ids[0])
-            na, ne = len(a), len(e_rows)
+            na = ne = 0
             entry = None
-            if na or ne:
+            if a or (free and waiting):
+                a_arr = np.array(a, dtype=np.int64)
+                a_pos = fed[a_arr] - 1  # position (= index) of the token that just finished
+                ai = req[a_arr]
+                gen = a_pos >= plen[ai] - 1
+                out_req = np.where(gen, ai, len(reqs))  # prompt tokens write the dummy row
+                out_k = np.where(gen, ngen[a_arr], 0)
+                ngen[a_arr] += gen
+                st["tokens_generated"] += int(gen.sum())
+                done = ngen[a_arr] == max_new[ai]
+                for row in a_arr[done].tolist():
+                    finish_row(row)
+                go_on = ~done
+                e_rows = a_arr[go_on].tolist()
+                e_pos = (a_pos[go_on] + 1).tolist()
+                e_src = np.flatnonzero(go_on).tolist()  # the token just sampled ...
+                ptoks = []
+                for k in np.flatnonzero(a_pos[go_on] + 1 < plen[ai[go_on]]).tolist():  # ... or the prompt's
+                    i = int(ai[go_on][k])
+                    e_src[k] = len(a) + len(ptoks)
+                    ptoks.append(reqs[i].prompt_ids[e_pos[k]])
+                while free and waiting:
+                    row = free.popleft()
+                    i = waiting.popleft()
+                    req[row], fed[row], ngen[row] = i, 0, 0
+                    lens[:, row] = 0
+                    hist[row] = 0
+                    self._admit(i)
+                    e_rows.append(row)
+                    e_pos.append(0)
+                    e_src.append(len(a) + len(ptoks))
+                    ptoks.append(reqs[i].prompt_ids[0])
+                na, ne = len(a), len(e_rows)
                 pack = _Pack()
                 e_arr, e_pos = np.array(e_rows, dtype=np.int64), np.array(e_pos, dtype=np.int64)
                 ia = [pack.put(v) for v in (a_arr, a_pos, out_req, out_k, self._widx(a_arr, a_pos))]
@@ -853,9 +858,8 @@ class DepthWiseEngine(DecodeEngine):
                 st["edge_steps"] += 1
                 st["edge_exits"] += na
                 st["edge_entries"] += ne
-                for row in e_rows:
-                    fed[row] += 1
-                    depth[row] = 0
+                fed[e_arr] += 1
+                depth[e_arr] = 0
                 st["tokens_fed"] += ne
                 if entry is None or not self.expert:  # recursion 0 known to be taken: queue now
                     queue.extend(e_rows)
@@ -882,23 +886,22 @@ class DepthWiseEngine(DecodeEngine):
                         if int(col[i:j].max()) >= self.W[rr]:
                             self._grow(rr, int(col[i:j].max()) + 1)
                     count = col + 1
-                    col = col + np.array(self.off)[r]  # region r starts at column off[r]
+                    c0 = self.off_np[r]  # region r starts at column off[r]
+                    col = col + c0
                     lens[r, items] += 1
                 pack = _Pack()
                 nxt = np.minimum(r + 1, N - 1)
-                widx = self._widx(items[:n_proj], col[:n_proj], sum(self.W))
+                widx = self._widx(items[:n_proj], col[:n_proj], self.width)
                 it = [pack.put(v) for v in (items, fed[items] - 1, widx, nxt)]
-                width = sum(self.W)
                 if self.share:  # every item reads its slot's recursion-0 region: one segment
-                    segs = [self._read(pack, 0, n, S, items, count, width)]
+                    segs = [self._read(pack, 0, n, S, items, count, self.width)]
                 elif self.gather_only or (
                     len(depths) > 1 and all(_seg_kind(S, items[i:j]) == "gather" for _, i, j in depths)
                 ):  # one copy for every item, each from its recursion's region
-                    segs = [self._read(pack, 0, n, S, items, count, width, np.array(self.off)[r])]
+                    segs = [self._read(pack, 0, n, S, items, count, self.width, c0)]
                 else:  # recursion r reads region r of the slots' rows
-                    off = self.off
                     segs = [
-                        self._read(pack, i, j, S, items[i:j], count[i:j], width, off[rr])
+                        self._read(pack, i, j, S, items[i:j], count[i:j], self.width, self.off[rr])
                         for rr, i, j in depths
                     ]
                 parts = self._upload(pack, segs)
@@ -911,29 +914,24 @@ class DepthWiseEngine(DecodeEngine):
             st["steps"] += 1
             # -- the one sync: routing decisions -------------------------------------------------------
             parts = [x for x in (entry, dec) if x is not None]
-            vals = torch.cat(parts).tolist() if parts else []
+            vals = np.array(torch.cat(parts).tolist() if parts else [], dtype=np.int64)
             if entry is not None:
                 ent, vals = vals[:ne], vals[ne:]
-                for row, v in zip(e_rows, ent, strict=True):
-                    if self.expert:
-                        if v:
-                            queue.append(row)
-                        else:
-                            exit_row(row, 0)
-                    else:
-                        tdepth[row] = v + 1  # already queued: everyone takes recursion 0
+                if self.expert:
+                    go = ent.astype(bool)
+                    queue.extend(e_arr[go].tolist())
+                    exit_rows(e_arr[~go], np.zeros(int((~go).sum()), dtype=np.int64))
+                else:
+                    tdepth[e_arr] = ent + 1  # already queued: everyone takes recursion 0
             if n:
                 d = depth[items]
                 stop = d >= N
                 if self.expert:
                     if dec is not None:  # a known recursion is taken by everyone
-                        stop |= ~(self.known_np[np.minimum(d, N - 1)] | np.array(vals, dtype=bool))
+                        stop |= ~(self.known_np[np.minimum(d, N - 1)] | vals.astype(bool))
                 else:
                     stop |= d >= tdepth[items]
-                gone = items[stop]
-                exits.extend(gone.tolist())
-                np.add.at(hist, (gone, d[stop]), 1)
-                dcount += np.bincount(d[stop], minlength=N + 1)
+                exit_rows(items[stop], d[stop])
                 block = items[~stop].tolist()
         st["depth_counts"] = dcount.tolist()
         st.update(batch_size=B, seq_slots=S, flush_at=self.F)

@@ -46,8 +46,8 @@ of the rows are items: attend over all rows in place with zero queries on the ot
 their outputs), or *gather* (copy just the items' rows). No loop over
 tokens; the only Python loops in a step are over layers and (at most N_r) recursion segments.
 
-On CPU the engine fuses Q/K/V and gate/up weights (a copy) and computes q-length-1 attention as two
-matmuls; on GPU it uses SDPA and the model's own weights (`fuse`, `attention`).
+Attention is SDPA with each kv head's query heads as one query block (no K/V repeat). On CPU the
+engine also fuses Q/K/V and gate/up weights (a copy, `fuse`); on GPU it uses the model's own weights.
 """
 
 from __future__ import annotations
@@ -141,10 +141,9 @@ class _Seg:
     sidx: Tensor | None = None
     gather: Tensor | None = None
     mask: Tensor | None = None
-    sdpa: bool = False  # attend with F.scaled_dot_product_attention (GPU) instead of two matmuls
     _i: tuple = ()
 
-    def resolve(self, parts: list[Tensor], pack: _Pack, sdpa: bool) -> None:
+    def resolve(self, parts: list[Tensor], pack: _Pack) -> None:
         """Pack slots -> device tensors (after `pack.upload`)."""
         kind, idx, bias = self._i
         if kind == "slab":
@@ -153,7 +152,6 @@ class _Seg:
             self.gather = parts[idx]
         if bias >= 0:
             self.mask = pack.floats[bias].view(-1, 1, 1, self.L)
-        self.sdpa = sdpa
 
 
 def _seg_kind(slab: int, rows: np.ndarray) -> str:
@@ -304,16 +302,12 @@ def decode_layer(
             ks, vs = kb[: sg.rows, :, cols], vb[: sg.rows, :, cols]
             if sg.sidx is not None:
                 qs = q.new_zeros(sg.rows, H, 1, hd).index_copy_(0, sg.sidx, qs)
-        if sg.sdpa:  # fused kernel (GPU)
-            o = F.scaled_dot_product_attention(
-                qs, ks.to(q.dtype), vs.to(q.dtype), attn_mask=sg.mask, enable_gqa=kvh != H, scale=fl.q_scale
-            )
-        else:  # q-length-1 attention as two batched matmuls: ~20% faster than SDPA on CPU
-            m = qs.shape[0]
-            sc = torch.matmul(qs.view(m, kvh, H // kvh, hd), ks.to(q.dtype).transpose(-1, -2))
-            sc = sc.mul_(fl.q_scale) if fl.q_scale != 1.0 else sc
-            sc = sc if sg.mask is None else sc.add_(sg.mask)
-            o = torch.matmul(torch.softmax(sc, -1), vs.to(q.dtype)).view(m, H, 1, hd)
+        # grouped-query attention without repeating K/V: a kv head's H/kvh query heads form one query
+        # block (SDPA's fused kernels; on CPU 2-5% faster per layer call than two batched matmuls)
+        m = qs.shape[0]
+        o = F.scaled_dot_product_attention(
+            qs.view(m, kvh, H // kvh, hd), ks.to(q.dtype), vs.to(q.dtype), attn_mask=sg.mask, scale=fl.q_scale
+        ).view(m, H, 1, hd)
         outs.append(o if sg.sidx is None else o.index_select(0, sg.sidx))
     o = outs[0] if len(outs) == 1 else torch.cat(outs)
     x = fl.residual(x, o.reshape(n, H * hd), fl.wo)
@@ -334,7 +328,6 @@ class DecodeEngine:
         temperature: float = 0.0,
         seed: int = 0,
         fuse: bool | None = None,
-        attention: str = "auto",
         compile: bool = False,
     ):
         if batch_size < 1:
@@ -370,11 +363,6 @@ class DecodeEngine:
         if self.fuse:  # the final norm's weight folded into the LM head (a copy)
             head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
             self.w_head = (head * model.norm.weight).detach()
-        if attention not in ("auto", "sdpa", "matmul"):
-            raise ConfigError(f"attention={attention!r} is invalid: allowed auto, sdpa, matmul")
-        if attention == "auto":  # SDPA's fused kernels on GPU; plain matmuls win for q-length 1 on CPU
-            attention = "sdpa" if self.device.type == "cuda" else "matmul"
-        self.attention = attention
         self.stats: dict = {}
 
     def _buf(self, rows: int, cols: int | None = None) -> tuple[Tensor, Tensor]:
@@ -410,7 +398,7 @@ class DecodeEngine:
         """One stage's host arrays to the device; the segments' indices and biases resolved."""
         parts = pack.upload(self.device, self.dtype)
         for sg in segs:
-            sg.resolve(parts, pack, self.attention == "sdpa")
+            sg.resolve(parts, pack)
         return parts
 
     def _rope(self, pos: Tensor) -> tuple[Tensor, Tensor]:

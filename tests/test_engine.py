@@ -209,11 +209,11 @@ def test_one_gather_for_items_of_several_depths():
 
 @pytest.mark.parametrize("name", ["vanilla", "mor-expert-cache", "mor-token-share"])
 @torch.no_grad()
-def test_sdpa_attention_and_unfused_weights_agree(name):
+def test_fused_and_unfused_weights_agree(name):
     model = build(FAMILIES[name])
     reqs = requests(5, seed=4)
     _check(model, reqs, make_engine(model, 2, 16).run(reqs, keep_logits=True))
-    _check(model, reqs, make_engine(model, 2, 16, attention="sdpa", fuse=False).run(reqs, keep_logits=True))
+    _check(model, reqs, make_engine(model, 2, 16, fuse=False).run(reqs, keep_logits=True))
 
 
 @pytest.mark.parametrize("name", ["vanilla", "mor-expert-cache", "mor-token-cache"])
@@ -238,8 +238,6 @@ def test_engine_errors_name_the_problem():
         make_engine(model, 2, 8).run([Request([1, 2], 8)])
     with pytest.raises(ConfigError, match="max_seq_len"):
         make_engine(model, 2, 1000)
-    with pytest.raises(ConfigError, match="attention"):
-        make_engine(model, 2, 8, attention="flash")
     topk = build(mor(RouterConfig(inference="topk")))
     with pytest.raises(ConfigError, match="non-causal"):
         make_engine(topk, 2, 8)
@@ -467,7 +465,7 @@ def test_paper_decode_preset_compiles_before_timing(tmp_path, model):
 @pytest.mark.parametrize("name", ["vanilla", "mor-expert-cache", "mor-token-share"])
 @torch.no_grad()
 def test_cuda_engine_matches_cached_decoding(name):
-    """`pytest -m gpu` on a CUDA machine: the GPU defaults (SDPA with a bool mask, unfused weights)
+    """`pytest -m gpu` on a CUDA machine: the GPU defaults (unfused weights)
     and the compiled path give the tokens of the model's own cached decoding."""
     model = build(FAMILIES[name]).cuda()
     reqs = requests(6, seed=4)
@@ -477,5 +475,5 @@ def test_cuda_engine_matches_cached_decoding(name):
     ]
     for compile in (False, True):
         eng = make_engine(model, 2, 16, compile=compile)
-        assert (eng.attention, eng.fuse) == ("sdpa", False)
+        assert not eng.fuse
         assert [r.tokens for r in eng.run(reqs)] == want

@@ -11,7 +11,9 @@
 * decode_ratio: MoR-E (N_r=3) decode tokens/s over vanilla's at batch 32, runs interleaved and
   repeated (median), at `small` and at `medium` (d 512), next to the analytic FLOP speed-up
   (goal: >= 90% of it); also MoR at the relative maximum batch and with twice the sequences in
-  flight, and the layer weight passes per generated token of each.
+  flight, the layer weight passes per generated token of each, and the speed-up each MoR run's layer
+  calls alone allow (`layer_time_ceiling`: every call priced at the measured cost of the engine's
+  layer at its number of tokens, `layer_ms_by_tokens`).
 Every file carries the device, versions and git SHA.
 """
 
@@ -22,6 +24,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -226,6 +229,31 @@ def decode_vs_hf(size: dict, batch: int, new_tokens: int) -> dict:
     }
 
 
+def layer_costs(model, tokens: list[int], ctx: int, iters: int = 15) -> dict[int, float]:
+    """Seconds per call of the engine's decode layer (vanilla weights, in-place reads of `ctx` keys
+    per row) at each token count: the per-call cost model behind `decode_ratio`'s ceilings."""
+    from .engine import _Pack, decode_layer, make_engine
+
+    eng = make_engine(model, max(tokens), ctx + 1)
+    layer, (kb, vb) = eng.slots[0][0], eng.buffers[0]
+    out = {}
+    for n in tokens:
+        rows, pos = np.arange(n), np.full(n, ctx - 1)
+        pack = _Pack()
+        w = pack.put(eng._widx(rows, pos))
+        seg = eng._read(pack, 0, n, n, rows, pos + 1, ctx + 1)
+        parts = eng._upload(pack, [seg])
+        x = torch.randn(n, model.cfg.d_model)
+        cos, sin = eng._rope(torch.as_tensor(pos))
+
+        def ten_calls(x=x, cos=cos, sin=sin, w=parts[w], seg=seg, n=n):
+            for _ in range(10):
+                decode_layer(layer, x, cos, sin, kb, vb, w, n, [seg])
+
+        out[n] = _median_time(ten_calls, warmup=2, iters=iters) / 10
+    return out
+
+
 def decode_ratio(size: dict, batch: int, num_requests: int, gen_len: int, repeats: int) -> dict:
     """MoR-E N_r=3 vs vanilla decode tokens/s through the engine (random weights, thresholds
     calibrated to the capacities), `repeats` interleaved runs each, median; with the analytic
@@ -279,9 +307,23 @@ def decode_ratio(size: dict, batch: int, num_requests: int, gen_len: int, repeat
         n = row["block_steps"] * block_layers + row["edge_steps"] * edge_layers
         return n / row["generated_tokens"]
 
-    acc = decode_accounting(models["mor_expert"], mor_row, 4, _decode_context(lengths, 1))
+    ctx = _decode_context(lengths, 1)
+    acc = decode_accounting(models["mor_expert"], mor_row, 4, ctx)
     speedup = med["mor_expert"] / med["vanilla"]
     speedup_max = med["mor_expert_max"] / med["vanilla"]
+    # what the layers alone allow: each run's layer calls (by tokens per call) priced at the
+    # measured per-call cost of the engine's layer, vanilla's total over each MoR run's
+    calls = {k: v[0]["layer_calls_by_tokens"] for k, v in rows.items()}
+    grid = sorted({1, 2, 4, 8, 12, 16, 20, 24, 28, 32} | {max(c) for c in calls.values()})
+    with torch.no_grad():
+        cost = layer_costs(models["vanilla"], grid, round(ctx))
+    ns, ts = list(cost), list(cost.values())
+
+    def layer_time(c: dict) -> float:
+        return sum(k * float(np.interp(n, ns, ts)) for n, k in c.items())
+
+    ceiling = {k: layer_time(calls["vanilla"]) / layer_time(c) for k, c in calls.items() if k != "vanilla"}
+    measured = {k: med[k] / med["vanilla"] for k in ceiling}
     return {
         "batch": batch,
         "batch_max_mor": batch_max,
@@ -303,6 +345,9 @@ def decode_ratio(size: dict, batch: int, num_requests: int, gen_len: int, repeat
         "speedup_max_batch": speedup_max,
         "depth_fractions": mor_row["depth_fractions"],
         "mean_block_items": mor_row["mean_block_items"],
+        "layer_ms_by_tokens": {n: 1000 * t for n, t in cost.items()},
+        "layer_time_ceiling": ceiling,  # the speed-up the layer calls alone allow, per MoR run
+        "fraction_of_ceiling": {k: measured[k] / ceiling[k] for k in ceiling},
         "goal": "speedup >= 0.9 x flop_speedup",
         "meets_goal": speedup >= 0.9 * acc["flop_speedup_vs_vanilla"],
     }

@@ -55,7 +55,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -452,11 +452,13 @@ class DecodeEngine:
         self.reqs = requests
         self.req_stats = [dict() for _ in requests]
         self.stats = {"steps": 0, "tokens_fed": 0, "tokens_generated": 0, "kv_bytes_used": 0}
+        self.calls: Counter[int] = Counter()  # layer calls by the number of tokens in them
         t0 = time.perf_counter()
         self._serve()
         out = self.out.tolist()
         self.stats["wall_s"] = time.perf_counter() - t0
         self.stats["kv_bytes_per_token"] = self.stats["kv_bytes_used"] / max(1, self.stats["tokens_fed"])
+        self.stats["layer_calls_by_tokens"] = dict(sorted(self.calls.items()))
         return [
             Result(
                 tokens=out[i][: r.max_new_tokens],
@@ -548,6 +550,7 @@ class SequenceEngine(DecodeEngine):
             for layer, src, project in self.slots:
                 kb, vb = self.buf_of[src]
                 x = self.layer_fn(layer, x, cos, sin, kb, vb, widx, n if project else 0, [seg])
+            self.calls[n] += len(self.slots)
             tok = self._emit(self._logits(x), oreq_t, ok_t)
             self.last.index_copy_(0, rows_t, tok)
             # host: advance, finish, refill
@@ -701,6 +704,7 @@ class DepthWiseEngine(DecodeEngine):
                 cos, sin = self._rope(a_pos)
                 for layer, (kb, vb) in zip(self.post, self.post_buf, strict=True):
                     x = self.layer_fn(layer, x, cos, sin, kb, vb, a[4], na, [seg_a])
+                self.calls[na] += len(self.post)
             tok = self._emit(self._logits(x), a[2], a[3])
             toks = torch.cat([tok, toks])
         if not ne:
@@ -711,6 +715,7 @@ class DepthWiseEngine(DecodeEngine):
             cos, sin = self._rope(e_pos)
             for layer, (kb, vb) in zip(self.pre, self.pre_buf, strict=True):
                 x = self.layer_fn(layer, x, cos, sin, kb, vb, e[4], ne, [seg_e])
+            self.calls[ne] += len(self.pre)
         self.X.index_copy_(0, e_rows, x)
         if self.expert:
             gate, go = self._decide(x, 0)
@@ -733,6 +738,7 @@ class DepthWiseEngine(DecodeEngine):
         x = x0
         for layer, (kb, vb) in zip(self.block, self.block_buf, strict=True):
             x = self.layer_fn(layer, x, cos, sin, kb, vb, t[2], n_proj, segs)
+        self.calls[len(rows)] += len(self.block)
         if self.expert:
             x = torch.addcmul(x0, self.G.index_select(0, rows)[:, None], x)
         self.X.index_copy_(0, rows, x)

@@ -314,6 +314,32 @@ def test_decode_ratio_benchmark_reports_consistent_fields():
     assert out["batch_max_mor"] > 4  # less KV per sequence: a larger relative maximum batch
     assert out["speedup_max_batch"] == pytest.approx(out["mor_max_batch_tok_s"] / out["vanilla_tok_s"])
     assert out["depth_fractions"][0] == 1.0 and out["depth_fractions"][2] < 1
+    # the layer-time ceiling prices every layer call at its measured per-call cost
+    cost = out["layer_ms_by_tokens"]
+    assert min(cost) == 1 and all(t > 0 for t in cost.values())
+    assert set(out["layer_time_ceiling"]) == {"mor_expert", "mor_expert_max", "mor_expert_2x_slots"}
+    assert out["fraction_of_ceiling"]["mor_expert"] == pytest.approx(
+        out["speedup"] / out["layer_time_ceiling"]["mor_expert"]
+    )
+
+
+@pytest.mark.parametrize("name", ["vanilla", "mor-expert-cache", "mor-token-share"])
+@torch.no_grad()
+def test_layer_calls_by_tokens_account_for_every_token(name):
+    """stats["layer_calls_by_tokens"] (the decode probe's per-call histogram) adds up to every
+    token's visit of every layer: fed tokens x layers (sequence-wise), or entries x first layers +
+    exits x last layers + block items x block layers (depth-wise)."""
+    model = build(FAMILIES[name])
+    eng = make_engine(model, 3, 16)
+    eng.run(requests(7, seed=2))
+    st = eng.stats
+    visits = sum(n * c for n, c in st["layer_calls_by_tokens"].items())
+    if "block_items" in st:
+        want = st["edge_entries"] * len(eng.pre) + st["edge_exits"] * len(eng.post)
+        want += st["block_items"] * len(eng.block)
+    else:
+        want = st["tokens_fed"] * len(eng.slots)
+    assert visits == want > 0
 
 
 @pytest.mark.parametrize("model", ["vanilla", "mor_expert"])

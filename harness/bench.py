@@ -298,7 +298,8 @@ def decode_probe(model, bcfg, batch_size: int, lengths: list[int], device, seed:
         "compiled_while_timed": graphs,  # graphs torch.compile built inside the timed run (want 0)
         "engine": type(engine).__name__,
         "engine_routing_exact": getattr(engine, "routing_exact", True),  # False: Router.engine_exact
-        "layer_calls_by_tokens": st["layer_calls_by_tokens"],  # {tokens in a layer call: calls}
+        # {tokens in a layer call: calls}, keys as strings so the row reads back from JSON unchanged
+        "layer_calls_by_tokens": {str(n): c for n, c in st["layer_calls_by_tokens"].items()},
     }
     if "depth_counts" in st:
         counts = st["depth_counts"]

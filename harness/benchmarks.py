@@ -313,7 +313,7 @@ def decode_ratio(size: dict, batch: int, num_requests: int, gen_len: int, repeat
     speedup_max = med["mor_expert_max"] / med["vanilla"]
     # what the layers alone allow: each run's layer calls (by tokens per call) priced at the
     # measured per-call cost of the engine's layer, vanilla's total over each MoR run's
-    calls = {k: v[0]["layer_calls_by_tokens"] for k, v in rows.items()}
+    calls = {k: {int(n): c for n, c in v[0]["layer_calls_by_tokens"].items()} for k, v in rows.items()}
     grid = sorted({1, 2, 4, 8, 12, 16, 20, 24, 28, 32} | {max(c) for c in calls.values()})
     with torch.no_grad():
         cost = layer_costs(models["vanilla"], grid, round(ctx))

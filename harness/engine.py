@@ -652,19 +652,18 @@ class DepthWiseEngine(DecodeEngine):
             self.stacked = torch.cat([sc.weight for sc in self.router.scorers]).detach()
 
     def _set_widths(self, widths: list[int]) -> None:
-        """Region widths W; column offset of each region (`off`, `off_np`); total columns `width`."""
+        """Region widths W; column offset of each region (`off`); total columns `width`."""
         self.W = widths
-        self.off = [sum(widths[:r]) for r in range(self.R)]
-        self.off_np = np.array(self.off, dtype=np.int64)
+        self.off = np.cumsum([0, *widths[:-1]])
         self.width = sum(widths)
 
     def _grow(self, r: int, need: int) -> None:
         """Widen region r to at least `need` columns (x1.5 steps), copying every region over."""
-        old_w, old_off = self.W, self.off
+        old_w, old_off = self.W, self.off.tolist()
         widths = list(old_w)
         widths[r] = min(self.max_len, max(need, math.ceil(old_w[r] * 1.5)))
         self._set_widths(widths)
-        new_off = self.off
+        new_off = self.off.tolist()
         bufs = []
         for kb, vb in self.block_buf:
             nk, nv = self._buf(self.S, self.width)
@@ -880,7 +879,7 @@ class DepthWiseEngine(DecodeEngine):
                         if int(col[i:j].max()) >= self.W[rr]:
                             self._grow(rr, int(col[i:j].max()) + 1)
                     count = col + 1
-                    c0 = self.off_np[r]  # region r starts at column off[r]
+                    c0 = self.off[r]  # region r starts at column off[r]
                     col = col + c0
                     lens[r, items] += 1
                 pack = _Pack()
@@ -895,7 +894,7 @@ class DepthWiseEngine(DecodeEngine):
                     segs = [self._read(pack, 0, n, S, items, count, self.width, c0)]
                 else:  # recursion r reads region r of the slots' rows
                     segs = [
-                        self._read(pack, i, j, S, items[i:j], count[i:j], self.width, self.off[rr])
+                        self._read(pack, i, j, S, items[i:j], count[i:j], self.width, int(self.off[rr]))
                         for rr, i, j in depths
                     ]
                 parts = self._upload(pack, segs)

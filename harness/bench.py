@@ -410,6 +410,12 @@ def run_bench(cfg: DictConfig, run_dir: Path | None) -> list[dict]:
         **{k: v for k, v in records.git_info().items()},
     }
     rows = []
+
+    def emit(row: dict) -> None:  # each row is written as it is measured: a killed run keeps the rest
+        rows.append(row)
+        if run_dir is not None:
+            records.append_jsonl(Path(run_dir) / "bench.jsonl", row)
+
     for probe in bcfg.probes:
         if probe == "decode":
             lengths = gen_lengths(bcfg, cfg.seed, core.cfg.max_seq_len)
@@ -432,7 +438,7 @@ def run_bench(cfg: DictConfig, run_dir: Path | None) -> list[dict]:
                     " (compiling first: minutes on CPU)" if bcfg.compile else "",
                 )
                 res = decode_probe(dec, bcfg, bs, lengths, device, seed=cfg.seed)
-                rows.append(
+                emit(
                     {
                         **base,
                         "probe": "decode",
@@ -449,15 +455,12 @@ def run_bench(cfg: DictConfig, run_dir: Path | None) -> list[dict]:
                 )
         elif probe == "train":
             res = train_probe(model, core, cfg, device, autocast, base["dtype"])
-            rows.append({**base, "probe": "train", **res})
+            emit({**base, "probe": "train", **res})
         elif probe == "memory":
             elem = 2 if base["dtype"] == "bf16" else 4
             params_b = sum(p.numel() * p.element_size() for p in core.parameters())
             kv = round(core.kv_bytes_per_token(elem) * core.cfg.max_seq_len)
-            rows.append({**base, "probe": "memory", "param_bytes": params_b, "kv_bytes_per_seq": kv})
-    if run_dir is not None:
-        for r in rows:
-            records.append_jsonl(Path(run_dir) / "bench.jsonl", r)
+            emit({**base, "probe": "memory", "param_bytes": params_b, "kv_bytes_per_seq": kv})
     shown = ("batch_size", "tokens_per_s", "mfu", "peak_mem_bytes", "param_bytes", "kv_bytes_per_seq")
     for r in rows:
         log.info("bench %s: %s", r["probe"], {k: r[k] for k in shown if k in r})

@@ -78,9 +78,12 @@ def git_info() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
 
+    sha = git("rev-parse", "HEAD")
+    if not sha:  # a copy of the tree without .git (a remote machine): the SHA it was copied at, if given
+        return {"git_sha": os.environ.get("MOR_GIT_SHA") or None, "git_dirty": None}
     # dirty = uncommitted changes to the code; outputs under results/ (tracked benchmark JSON) do not count
     dirty = bool(git("status", "--porcelain", "--", ".", ":(exclude)results"))
-    return {"git_sha": git("rev-parse", "HEAD") or None, "git_dirty": dirty}
+    return {"git_sha": sha, "git_dirty": dirty}
 
 
 def device_name(device: torch.device | str) -> str:

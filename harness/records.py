@@ -78,9 +78,12 @@ def git_info() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
 
+    # a copy of the tree on another machine (its .git missing or stale): the SHA it was copied at
+    if os.environ.get("MOR_GIT_SHA"):
+        return {"git_sha": os.environ["MOR_GIT_SHA"], "git_dirty": None}
     sha = git("rev-parse", "HEAD")
-    if not sha:  # a copy of the tree without .git (a remote machine): the SHA it was copied at, if given
-        return {"git_sha": os.environ.get("MOR_GIT_SHA") or None, "git_dirty": None}
+    if not sha:
+        return {"git_sha": None, "git_dirty": None}
     # dirty = uncommitted changes to the code; outputs under results/ (tracked benchmark JSON) do not count
     dirty = bool(git("status", "--porcelain", "--", ".", ":(exclude)results"))
     return {"git_sha": sha, "git_dirty": dirty}

@@ -55,16 +55,16 @@ def test_fresh_runs_are_seeded(tmp_path):
     assert losses[0] == losses[1] and len(losses[0]) == 4
 
 
-def test_git_sha_without_git_comes_from_the_environment(monkeypatch):
-    """A copy of the tree without .git (a lent GPU machine) records the SHA it was copied at, and
-    does not claim to know whether it was dirty."""
+def test_git_sha_of_a_copied_tree_comes_from_the_environment(monkeypatch):
+    """A copy of the tree on another machine (a lent GPU; its .git missing or stale) records the SHA
+    given in MOR_GIT_SHA, and does not claim to know whether it was dirty."""
     assert records.git_info()["git_sha"]  # this checkout has git
+    monkeypatch.setenv("MOR_GIT_SHA", "ab" * 20)
+    assert records.git_info() == {"git_sha": "ab" * 20, "git_dirty": None}
+    monkeypatch.delenv("MOR_GIT_SHA")
 
     def no_git(*a, **k):
         raise OSError("git: not found")
 
     monkeypatch.setattr(records.subprocess, "run", no_git)
-    monkeypatch.setenv("MOR_GIT_SHA", "ab" * 20)
-    assert records.git_info() == {"git_sha": "ab" * 20, "git_dirty": None}
-    monkeypatch.delenv("MOR_GIT_SHA")
     assert records.git_info() == {"git_sha": None, "git_dirty": None}

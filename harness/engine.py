@@ -303,11 +303,12 @@ def decode_layer(
             if sg.sidx is not None:
                 qs = q.new_zeros(sg.rows, H, 1, hd).index_copy_(0, sg.sidx, qs)
         # grouped-query attention without repeating K/V: a kv head's H/kvh query heads form one query
-        # block (SDPA's fused kernels; on CPU 2-5% faster per layer call than two batched matmuls)
+        # block (SDPA's fused kernels; on CPU 2-5% faster per layer call than two batched matmuls).
+        # reshape, not view: CUDA's kernels return the block [m, kvh, H/kvh, hd] in a strided layout
         m = qs.shape[0]
         o = F.scaled_dot_product_attention(
             qs.view(m, kvh, H // kvh, hd), ks.to(q.dtype), vs.to(q.dtype), attn_mask=sg.mask, scale=fl.q_scale
-        ).view(m, H, 1, hd)
+        ).reshape(m, H, 1, hd)
         outs.append(o if sg.sidx is None else o.index_select(0, sg.sidx))
     o = outs[0] if len(outs) == 1 else torch.cat(outs)
     x = fl.residual(x, o.reshape(n, H * hd), fl.wo)

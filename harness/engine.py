@@ -116,8 +116,18 @@ class _Pack:
 
     @staticmethod
     def _flat(parts: list[np.ndarray], device, dtype) -> list[Tensor]:
-        flat = torch.from_numpy(np.concatenate(parts)).to(device=device, dtype=dtype)
-        return list(flat.split_with_sizes([len(a) for a in parts]))
+        """One copy; every part starts at a multiple of ALIGN elements (CUDA's attention kernels
+        fault on a misaligned bias). To a GPU from pinned memory, without waiting for it."""
+        sizes = [len(a) for a in parts]
+        starts = np.concatenate([[0], np.cumsum([-(-n // ALIGN) * ALIGN for n in sizes])])
+        host = np.zeros(starts[-1], dtype=parts[0].dtype)
+        for a, s in zip(parts, starts):
+            host[s : s + len(a)] = a
+        t = torch.from_numpy(host)
+        if device.type == "cuda":
+            t = t.pin_memory()
+        flat = t.to(device=device, dtype=dtype, non_blocking=True)
+        return [flat[s : s + n] for s, n in zip(starts.tolist(), sizes)]
 
 
 @dataclass
@@ -151,7 +161,8 @@ class _Seg:
         elif kind == "gather":
             self.gather = parts[idx]
         if bias >= 0:
-            self.mask = pack.floats[bias].view(-1, 1, 1, self.L)
+            width = -(-self.L // ALIGN) * ALIGN
+            self.mask = pack.floats[bias].view(-1, 1, 1, width)[..., : self.L]
 
 
 def _seg_kind(slab: int, rows: np.ndarray) -> str:
@@ -161,9 +172,14 @@ def _seg_kind(slab: int, rows: np.ndarray) -> str:
     return "slab" if 2 * len(rows) >= slab else "gather"
 
 
+ALIGN = 8  # elements: 16 bytes in bf16, the alignment CUDA's attention kernels need of a bias
+
+
 def _bias(counts: np.ndarray, L: int) -> np.ndarray:
-    """Additive attention bias [len(counts), L]: 0 on each row's first `count` keys, -inf after."""
-    return np.where(np.arange(L) < counts[:, None], np.float32(0), np.float32(-np.inf))
+    """Additive attention bias [len(counts), L rounded up to ALIGN]: 0 on each row's first `count`
+    keys, -inf after (each row starts aligned; `_Seg.resolve` views its first L columns)."""
+    width = -(-L // ALIGN) * ALIGN
+    return np.where(np.arange(width) < counts[:, None], np.float32(0), np.float32(-np.inf))
 
 
 def _seg(

@@ -117,16 +117,13 @@ class _Pack:
     @staticmethod
     def _flat(parts: list[np.ndarray], device, dtype) -> list[Tensor]:
         """One copy; every part starts at a multiple of ALIGN elements (CUDA's attention kernels
-        fault on a misaligned bias). To a GPU from pinned memory, without waiting for it."""
+        fault on a misaligned bias)."""
         sizes = [len(a) for a in parts]
         starts = np.concatenate([[0], np.cumsum([-(-n // ALIGN) * ALIGN for n in sizes])])
         host = np.zeros(starts[-1], dtype=parts[0].dtype)
         for a, s in zip(parts, starts):
             host[s : s + len(a)] = a
-        t = torch.from_numpy(host)
-        if device.type == "cuda":
-            t = t.pin_memory()
-        flat = t.to(device=device, dtype=dtype, non_blocking=True)
+        flat = torch.from_numpy(host).to(device=device, dtype=dtype)
         return [flat[s : s + n] for s, n in zip(starts.tolist(), sizes)]
 
 

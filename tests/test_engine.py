@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import harness.engine as engine_mod
 from harness.engine import DepthWiseEngine, Request, SequenceEngine, make_engine
@@ -157,6 +158,52 @@ def test_mor_depth_zero_exits_and_every_read_mode():
     assert any(deep)
 
 
+@pytest.mark.parametrize("name", ["vanilla", "mor-expert-cache"])
+@torch.no_grad()
+def test_attention_biases_are_aligned_for_cuda_kernels(name):
+    """Every bias and index the engine uploads starts on a 16-byte boundary, and a bias row is a
+    multiple of 8 columns long (bf16: CUDA's efficient attention faulted on a misaligned bias under
+    torch.compile on an H100); the view the attention sees holds exactly the 0 / -inf mask."""
+    model = build(FAMILIES[name]).to(torch.bfloat16)
+    seen = []
+    orig = engine_mod._Seg.resolve
+
+    def spy(self, parts, pack):
+        orig(self, parts, pack)
+        for t in [*parts, *pack.floats]:
+            assert t.data_ptr() % 16 == 0
+        if self.mask is not None:
+            m = self.mask
+            assert m.stride(0) % engine_mod.ALIGN == 0 and m.shape[-1] == self.L
+            assert torch.isin(m.float(), torch.tensor([0.0, float("-inf")])).all()
+            assert (m[..., 0] == 0).all()  # every item sees at least its first key
+            seen.append(self.L)
+
+    engine_mod._Seg.resolve = spy
+    try:
+        reqs = requests(7, seed=5)
+        make_engine(model, 3, 16).run(reqs)
+    finally:
+        engine_mod._Seg.resolve = orig
+    assert any(L % engine_mod.ALIGN for L in seen)  # biases whose length needed padding were checked
+
+
+@torch.no_grad()
+def test_strided_attention_output_as_cuda_returns_it(monkeypatch):
+    """CUDA's SDPA kernels return [m, heads, q, hd] in a [m, q, heads, hd] memory layout (view()
+    failed there); the engine must decode the same tokens from such an output."""
+    sdpa = F.scaled_dot_product_attention
+
+    def strided(*a, **k):
+        o = sdpa(*a, **k)
+        return o.transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", strided)
+    model = build(FAMILIES["mor-expert-cache"])
+    reqs = requests(5, seed=6)
+    _check(model, reqs, make_engine(model, 2, 16).run(reqs, keep_logits=True))
+
+
 @pytest.mark.parametrize("kv", ["cache", "share"])
 @torch.no_grad()
 def test_recursion_regions_sized_by_capacity_and_grown_on_overflow(kv):
@@ -274,11 +321,13 @@ def test_decode_probe_rows(tmp_path, model):
         assert r["generated_tokens"] == sum(gen_lengths_of(cfg)) and r["peak_mem_bytes"] > 0
         assert r["kv_bytes_per_token"] == pytest.approx(r["kv_bytes_per_token_analytic_at_depths"])
     if model == "vanilla":
-        assert top["batch_size"] == 2  # relative rule: vanilla keeps its batch
+        assert top["batch_size"] == 2  # relative rule: vanilla keeps its batch, measured once
+        assert top["measured_as"] == "fixed" and top["elapsed_s"] == fixed["elapsed_s"]
         assert fixed["flop_ratio_vs_vanilla"] == pytest.approx(1.0) and "depth_hist" not in fixed
         assert fixed["kv_bytes_per_token"] == fixed["kv_bytes_per_token_analytic"]
     else:
         assert top["batch_size"] == 3  # 2 x fit(MoR)/fit(vanilla): smaller KV per token
+        assert "measured_as" not in top
         assert sum(fixed["depth_hist"]) == pytest.approx(1.0) and len(fixed["depth_hist"]) == 4
         assert fixed["depth_fractions"][0] == 1.0 and 0 < fixed["depth_fractions"][2] < 1
         assert fixed["flop_ratio_vs_vanilla"] < 1 and fixed["flop_ratio_vs_vanilla_design"] < 1

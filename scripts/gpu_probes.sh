@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 9, for a lent CUDA machine that has torch but not our venv:
 #   bash scripts/gpu_probes.sh OUT_DIR STEP[:LIMIT_S] ...
-# steps: env, gputest, eager-MODEL, paper-MODEL, train-MODEL, profile-MODEL (MODEL: vanilla, mor_expert, ...)
-#   eager-*: the paper's decode protocol without torch.compile, 256 requests (quick numbers first)
-#   paper-*: the paper's decode protocol as configured: bf16, torch.compile, 1000 requests, B=32 and max
-#   train-*: training step, bf16 autocast, 8 x 2048 tokens: tokens/s and MFU
-#   profile-*: scripts/profile_decode.py, eager, batch 32: where a decode step's time goes
-# SIZE (default 360m) and EXTRA (more overrides for every probe) shrink it for a CPU smoke run;
-# PYTHONPATH may point at pure-Python packages missing there (hydra-core, omegaconf, antlr4, ...).
+# steps: env, gputest, and for a MODEL (vanilla, mor_expert, ...):
+#   eager-MODEL: the paper's decode protocol without torch.compile, 256 requests (quick numbers)
+#   paper-MODEL: the paper's decode protocol as configured: bf16, torch.compile, 1000 requests
+#   train-MODEL: training step, bf16 autocast, 8 x 2048 tokens: tokens/s and MFU
+#   profile-MODEL, cprofile-MODEL: scripts/profile_decode.py, eager / compiled, batch 32
+# SIZE (default 360m) and EXTRA (more overrides for every probe) shrink it for a CPU smoke run.
+# Pure-Python packages missing there go on PYTHONPATH, e.g. copied from our venv:
+#   mkdir -p .gpu_site && cp -r .venv/lib/python3.*/site-packages/{hydra,omegaconf,antlr4,hydra_plugins,submitit} .gpu_site/
 # Each step has its own time limit (default 120 s), so a failure or a hang costs only its step;
 # every row is appended to OUT_DIR/bench-STEP.jsonl as it is measured, every log to OUT_DIR/log.txt.
+# Results and what they showed: results/gpu/.
 set -u
 out=${1:?usage: gpu_probes.sh OUT_DIR STEP[:LIMIT_S] ...}
 shift
@@ -26,8 +28,8 @@ bench() {  # bench DIR OVERRIDES...: one mor-bench whose run directories go unde
 export -f bench
 
 for arg in "$@"; do  # every step name checked before any work
-  [[ ${arg%%:*} =~ ^(env|gputest|(eager|paper|train|profile)-[a-z_]+)$ ]] ||
-    { echo "unknown step ${arg%%:*}: allowed env, gputest, eager-MODEL, paper-MODEL, train-MODEL, profile-MODEL" >&2 && exit 2; }
+  [[ ${arg%%:*} =~ ^(env|gputest|(eager|paper|train|profile|cprofile)-[a-z_]+)$ ]] ||
+    { echo "unknown step ${arg%%:*}: allowed env, gputest, eager-, paper-, train-, profile-, cprofile-MODEL" >&2 && exit 2; }
 done
 for arg in "$@"; do
   name=${arg%%:*} limit=120 dir=$(mktemp -d)
@@ -39,6 +41,7 @@ torch.version.cuda, torch.cuda.get_device_name(0))'") ;;
   eager-*) cmd=(bash -c 'bench "$@"' - "$dir" "model=${name#*-}" bench=paper bench.compile=false bench.num_requests=256 \
     bench.warmup=20) ;;
   profile-*) cmd=("$py" scripts/profile_decode.py --size "${SIZE:-360m}" --model "${name#*-}") ;;
+  cprofile-*) cmd=("$py" scripts/profile_decode.py --size "${SIZE:-360m}" --model "${name#*-}" --compile) ;;
   paper-*) cmd=(bash -c 'bench "$@"' - "$dir" "model=${name#*-}" bench=paper) ;;
   train-*) cmd=(bash -c 'bench "$@"' - "$dir" "model=${name#*-}" bench=train bench.dtype=bf16 data.seq_len=2048 \
     train.micro_batch_size=8) ;;

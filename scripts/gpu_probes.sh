@@ -6,6 +6,7 @@
 #   paper-MODEL: the paper's decode protocol as configured: bf16, torch.compile, 1000 requests
 #   train-MODEL: training step, bf16 autocast, 8 x 2048 tokens: tokens/s and MFU
 #   profile-MODEL, cprofile-MODEL: scripts/profile_decode.py, eager / compiled, batch 32
+#     (PROFILE_ARGS: more of its options, e.g. --fuse)
 # SIZE (default 360m) and EXTRA (more overrides for every probe) shrink it for a CPU smoke run.
 # Pure-Python packages missing there go on PYTHONPATH, e.g. copied from our venv:
 #   mkdir -p .gpu_site && cp -r .venv/lib/python3.*/site-packages/{hydra,omegaconf,antlr4,hydra_plugins,submitit} .gpu_site/
@@ -40,8 +41,8 @@ torch.version.cuda, torch.cuda.get_device_name(0))'") ;;
   gputest) cmd=("$py" -m pytest -v -p no:cacheprovider -m gpu tests/test_engine.py) ;;
   eager-*) cmd=(bash -c 'bench "$@"' - "$dir" "model=${name#*-}" bench=paper bench.compile=false bench.num_requests=256 \
     bench.warmup=20) ;;
-  profile-*) cmd=("$py" scripts/profile_decode.py --size "${SIZE:-360m}" --model "${name#*-}") ;;
-  cprofile-*) cmd=("$py" scripts/profile_decode.py --size "${SIZE:-360m}" --model "${name#*-}" --compile) ;;
+  profile-*) cmd=("$py" scripts/profile_decode.py --size "${SIZE:-360m}" --model "${name#*-}" ${PROFILE_ARGS:-}) ;;
+  cprofile-*) cmd=("$py" scripts/profile_decode.py --size "${SIZE:-360m}" --model "${name#*-}" --compile ${PROFILE_ARGS:-}) ;;
   paper-*) cmd=(bash -c 'bench "$@"' - "$dir" "model=${name#*-}" bench=paper) ;;
   train-*) cmd=(bash -c 'bench "$@"' - "$dir" "model=${name#*-}" bench=train bench.dtype=bf16 data.seq_len=2048 \
     train.micro_batch_size=8) ;;

@@ -24,6 +24,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--tokens", type=int, default=64, help="tokens per request")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument(
+        "--fuse",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fused weights (default: CPU only)",
+    )
     ap.add_argument("--rows", type=int, default=18, help="ops shown per table")
     a = ap.parse_args()
     register_configs()
@@ -33,7 +39,7 @@ def main() -> None:
     model, _ = load_bench_model(cfg, None, dev)
     if dev.type == "cuda":
         model = model.to(torch.bfloat16)
-    eng = make_engine(model, a.batch, a.tokens + 1, temperature=1.0, compile=a.compile)
+    eng = make_engine(model, a.batch, a.tokens + 1, temperature=1.0, compile=a.compile, fuse=a.fuse)
     reqs = [Request([BOS], a.tokens - (i % 7)) for i in range(2 * a.batch)]
     eng.run(reqs)  # warm-up (and compilation)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -52,7 +58,7 @@ def main() -> None:
     ka = prof.key_averages()
     dev_us = sum(e.self_device_time_total for e in ka) if dev.type == "cuda" else 0.0
     print(
-        f"{a.model} {a.size} batch {a.batch} compile={a.compile}: {steps} steps, "
+        f"{a.model} {a.size} batch {a.batch} compile={a.compile} fuse={eng.fuse}: {steps} steps, "
         f"{1000 * wall / steps:.2f} ms/step wall, {dev_us / 1000 / steps:.2f} ms/step device busy, "
         f"{sum(r.max_new_tokens for r in reqs) / wall:.0f} tok/s"
     )

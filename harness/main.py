@@ -101,6 +101,9 @@ def _agree(state: str | None, cfg: DictConfig) -> str | None:
     resolve_device(cfg.train.device, info)  # NCCL collectives need the rank's GPU set
     box = [state]
     dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:  # no rank trains: leave the group now (left to interpreter exit, gloo
+        # aborted rank 0 once in CI: "terminate called without an active exception")
+        dist.destroy_process_group()
     return box[0]
 
 

@@ -8,13 +8,28 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 
 import torch
 from hydra import compose, initialize_config_module
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness.bench import BOS, load_bench_model
 from harness.config import register_configs
 from harness.engine import Request, make_engine
+
+
+class OpCount(TorchDispatchMode):
+    """aten ops run (views excluded): on a GPU, roughly the kernel launches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def main() -> None:
@@ -49,6 +64,13 @@ def main() -> None:
     sync()
     wall = time.perf_counter() - t0
     steps = eng.stats["steps"]
+    n_tok = sum(r.max_new_tokens for r in reqs)
+    if not a.compile:  # compiled code launches its own kernels, unseen at this level
+        with OpCount() as oc:
+            eng.run(reqs)
+        ops = sum(oc.ops.values())
+        print(f"aten ops (views excluded): {ops / n_tok:.1f} per generated token, {ops / steps:.0f} per step")
+        print("  per token:", ", ".join(f"{k} {v / n_tok:.2f}" for k, v in oc.ops.most_common(12)))
     acts = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else []
     )
@@ -60,7 +82,7 @@ def main() -> None:
     print(
         f"{a.model} {a.size} batch {a.batch} compile={a.compile} fuse={eng.fuse}: {steps} steps, "
         f"{1000 * wall / steps:.2f} ms/step wall, {dev_us / 1000 / steps:.2f} ms/step device busy, "
-        f"{sum(r.max_new_tokens for r in reqs) / wall:.0f} tok/s"
+        f"{n_tok / wall:.0f} tok/s"
     )
     print(ka.table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=50))
     if dev.type == "cuda":

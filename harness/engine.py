@@ -158,8 +158,7 @@ class _Seg:
         elif kind == "gather":
             self.gather = parts[idx]
         if bias >= 0:
-            width = -(-self.L // ALIGN) * ALIGN
-            self.mask = pack.floats[bias].view(-1, 1, 1, width)[..., : self.L]
+            self.mask = pack.floats[bias].view(-1, 1, 1, _bias_width(self.L))[..., : self.L]
 
 
 def _seg_kind(slab: int, rows: np.ndarray) -> str:
@@ -172,11 +171,17 @@ def _seg_kind(slab: int, rows: np.ndarray) -> str:
 ALIGN = 8  # elements: 16 bytes in bf16, the alignment CUDA's attention kernels need of a bias
 
 
+def _bias_width(L: int) -> int:
+    """Columns of a stored bias row: the next multiple of ALIGN above L. Always more than L, so the
+    view the attention sees always has the same (strided) layout: under torch.compile a layout
+    that is sometimes contiguous is a second graph, built inside the timed run."""
+    return (L // ALIGN + 1) * ALIGN
+
+
 def _bias(counts: np.ndarray, L: int) -> np.ndarray:
-    """Additive attention bias [len(counts), L rounded up to ALIGN]: 0 on each row's first `count`
-    keys, -inf after (each row starts aligned; `_Seg.resolve` views its first L columns)."""
-    width = -(-L // ALIGN) * ALIGN
-    return np.where(np.arange(width) < counts[:, None], np.float32(0), np.float32(-np.inf))
+    """Additive attention bias [len(counts), `_bias_width(L)`]: 0 on each row's first `count` keys,
+    -inf after (each row starts aligned; `_Seg.resolve` views its first L columns)."""
+    return np.where(np.arange(_bias_width(L)) < counts[:, None], np.float32(0), np.float32(-np.inf))
 
 
 def _seg(

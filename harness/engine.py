@@ -368,6 +368,12 @@ class DecodeEngine:
             # one graph per mix of 0/1-sized dims, buffer shapes and K/V projection mode: more than
             # dynamo's default of 8 per function over a sweep of batch sizes (warm-up compiles them)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            # no "duck sizing": dims that happen to be equal at the first call (items = batch rows =
+            # a bias's row stride) would be assumed equal, and every later mismatch recompiled
+            # (6 graphs -> 2 for a 2-layer vanilla engine; each costs seconds to a minute)
+            import torch.fx.experimental._config as fx_config
+
+            fx_config.use_duck_shape = False
             self.layer_fn = torch.compile(decode_layer, dynamic=True)
         # compiled: every read is one gather (one attention call per layer, shapes vary only in
         # items and keys), so the layer compiles to a couple of graphs instead of one per mix of

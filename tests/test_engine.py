@@ -535,6 +535,25 @@ def test_paper_decode_preset_compiles_before_timing(tmp_path, model):
         assert r["generated_tokens"] == sum(gen_lengths_of(cfg)) and r["tokens_per_s"] > 0
 
 
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_engine_matches_cached_decoding_in_few_graphs():
+    """torch.compile on CPU: the engine's tokens equal the model's cached decoding, for a vanilla
+    and a MoR model, and the layer compiles to a few graphs (duck sizing made it 6+: dims equal at
+    the first call, like items and a bias's row stride, were assumed equal and recompiled)."""
+    from harness.bench import _compiled_graphs
+
+    torch._dynamo.reset()
+    g0 = _compiled_graphs()
+    for name in ("vanilla", "mor-expert-cache"):
+        model = build(FAMILIES[name])
+        reqs = requests(6, seed=4)
+        want = [model.generate(torch.tensor([r.prompt_ids]), r.max_new_tokens)[0].tolist() for r in reqs]
+        eng = make_engine(model, 2, 16, compile=True)
+        assert [r.tokens for r in eng.run(reqs)] == want
+    assert _compiled_graphs() - g0 <= 4
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["vanilla", "mor-expert-cache", "mor-token-share"])

@@ -442,22 +442,20 @@ def run_bench(cfg: DictConfig, run_dir: Path | None) -> list[dict]:
                     " (compiling first: minutes on CPU)" if bcfg.compile else "",
                 )
                 res = decode_probe(dec, bcfg, bs, lengths, device, seed=cfg.seed)
-                emit(
-                    {
-                        **base,
-                        "probe": "decode",
-                        "batch_size": bs,
-                        "batch_kind": kind,
-                        **res,
-                        **decode_accounting(core, res, elem, ctx),
-                        "max_batch_rule": bcfg.max_batch_rule,
-                        "max_batch_computed": b_max,  # before clipping to the number of requests
-                        "max_batch_fit": mem["fit"],
-                        "max_batch_fit_vanilla": mem["fit_vanilla"],
-                        "memory_budget_gb": bcfg.memory_budget_gb,
-                    }
-                )
-                measured[bs] = rows[-1]
+                measured[bs] = {
+                    **base,
+                    "probe": "decode",
+                    "batch_size": bs,
+                    "batch_kind": kind,
+                    **res,
+                    **decode_accounting(core, res, elem, ctx),
+                    "max_batch_rule": bcfg.max_batch_rule,
+                    "max_batch_computed": b_max,  # before clipping to the number of requests
+                    "max_batch_fit": mem["fit"],
+                    "max_batch_fit_vanilla": mem["fit_vanilla"],
+                    "memory_budget_gb": bcfg.memory_budget_gb,
+                }
+                emit(measured[bs])
         elif probe == "train":
             res = train_probe(model, core, cfg, device, autocast, base["dtype"])
             emit({**base, "probe": "train", **res})

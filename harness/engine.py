@@ -119,7 +119,7 @@ class _Pack:
         """One copy; every part starts at a multiple of ALIGN elements (CUDA's attention kernels
         fault on a misaligned bias)."""
         sizes = [len(a) for a in parts]
-        starts = np.concatenate([[0], np.cumsum([-(-n // ALIGN) * ALIGN for n in sizes])])
+        starts = np.concatenate([[0], np.cumsum([_aligned(n) for n in sizes])])
         host = np.zeros(starts[-1], dtype=parts[0].dtype)
         for a, s in zip(parts, starts):
             host[s : s + len(a)] = a
@@ -171,11 +171,16 @@ def _seg_kind(slab: int, rows: np.ndarray) -> str:
 ALIGN = 8  # elements: 16 bytes in bf16, the alignment CUDA's attention kernels need of a bias
 
 
+def _aligned(n: int) -> int:
+    """n rounded up to a multiple of ALIGN."""
+    return -(-n // ALIGN) * ALIGN
+
+
 def _bias_width(L: int) -> int:
     """Columns of a stored bias row: the next multiple of ALIGN above L. Always more than L, so the
     view the attention sees always has the same (strided) layout: under torch.compile a layout
     that is sometimes contiguous is a second graph, built inside the timed run."""
-    return (L // ALIGN + 1) * ALIGN
+    return _aligned(L + 1)
 
 
 def _bias(counts: np.ndarray, L: int) -> np.ndarray:
@@ -248,7 +253,8 @@ class FastLayer:
     def norm(self, m, x: Tensor) -> Tensor:
         """RMSNorm m; fused: its weight is in the next matrix. (Fewer kernels than m(x): on a GPU a
         decode step's time is mostly kernel launches.)"""
-        return rms_scale(x, m.eps) if self.fused else rms_scale(x, m.eps) * m.weight
+        s = rms_scale(x, m.eps)
+        return s if self.fused else s * m.weight
 
     def residual(self, x: Tensor, h: Tensor, w: Tensor) -> Tensor:
         """x + h @ w.T for x, h [n, *]; fused: one addmm (the add inside the GEMM)."""

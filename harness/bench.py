@@ -255,8 +255,16 @@ def decode_probe(model, bcfg, batch_size: int, lengths: list[int], device, seed:
             "flush_at": max(1, round(bcfg.flush_frac * batch_size)),
             "kv_slack": bcfg.kv_slack,
         }
+    cpu = device.type == "cpu"
     engine = make_engine(
-        model, batch_size, max_len, temperature=bcfg.temperature, seed=seed, compile=bcfg.compile, **kw
+        model,
+        batch_size,
+        max_len,
+        temperature=bcfg.temperature,
+        seed=seed,
+        compile=bcfg.compile,
+        time_layers=cpu,
+        **kw,
     )
     slots = kw.get("seq_slots", batch_size)
     if bcfg.warmup > 0:
@@ -301,6 +309,13 @@ def decode_probe(model, bcfg, batch_size: int, lengths: list[int], device, seed:
         # {tokens in a layer call: calls}, keys as strings so the row reads back from JSON unchanged
         "layer_calls_by_tokens": {str(n): c for n, c in st["layer_calls_by_tokens"].items()},
     }
+    if cpu:  # where the time goes (CPU: a layer call's ops are done when it returns)
+        calls = sum(st["layer_calls_by_tokens"].values())
+        row.update(
+            layer_share=st["layer_s"] / dt,  # of the timed run, inside layer calls (the rest: embedding,
+            # head, sampling, routing, host scheduling and uploads)
+            ms_per_layer_call=1000 * st["layer_s"] / max(1, calls),
+        )
     if "depth_counts" in st:
         counts = st["depth_counts"]
         total = max(1, sum(counts))

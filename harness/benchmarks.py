@@ -13,7 +13,8 @@
   (goal: >= 90% of it); also MoR at the relative maximum batch and with twice the sequences in
   flight, the layer weight passes per generated token of each, and the speed-up each MoR run's layer
   calls alone allow (`layer_time_ceiling`: every call priced at the measured cost of the engine's
-  layer at its number of tokens, `layer_ms_by_tokens`).
+  layer at its number of tokens, `layer_ms_by_tokens`), and where each run's time went
+  (`ms_per_layer_call`, `share_outside_layers`).
 Every file carries the device, versions and git SHA.
 """
 
@@ -294,7 +295,11 @@ def decode_ratio(size: dict, batch: int, num_requests: int, gen_len: int, repeat
     for _ in range(repeats):
         for name, (m, b, c) in runs.items():
             rows[name].append(decode_probe(m, c, b, lengths, torch.device("cpu")))
-    med = {k: sorted(r["tokens_per_s"] for r in v)[len(v) // 2] for k, v in rows.items()}
+
+    def mid(key: str) -> dict[str, float]:  # each run's median over the repeats
+        return {k: sorted(r[key] for r in v)[len(v) // 2] for k, v in rows.items()}
+
+    med = mid("tokens_per_s")
     mor_row = rows["mor_expert"][0]
     ctx = _decode_context(lengths, 1)
     acc = decode_accounting(models["mor_expert"], mor_row, 4, ctx)
@@ -338,6 +343,11 @@ def decode_ratio(size: dict, batch: int, num_requests: int, gen_len: int, repeat
         "depth_fractions": mor_row["depth_fractions"],
         "mean_block_items": mor_row["mean_block_items"],
         "layer_ms_by_tokens": {n: 1000 * t for n, t in cost.items()},
+        # where each run's time went (timed in the runs): per layer call (MoR: reads gathered from a
+        # scattered subset of the slots), and the share outside the layer calls (host scheduling,
+        # routing, uploads, embedding, head, sampling: per engine step)
+        "ms_per_layer_call": mid("ms_per_layer_call"),
+        "share_outside_layers": {k: 1 - v for k, v in mid("layer_share").items()},
         "layer_time_ceiling": ceiling,  # the speed-up the layer calls alone allow, per MoR run
         "fraction_of_ceiling": {k: measured[k] / ceiling[k] for k in ceiling},
         "goal": "speedup >= 0.9 x flop_speedup",

@@ -356,6 +356,7 @@ class DecodeEngine:
         seed: int = 0,
         fuse: bool | None = None,
         compile: bool = False,
+        time_layers: bool = False,
     ):
         if batch_size < 1:
             raise ConfigError(f"batch_size={batch_size} must be >= 1")
@@ -381,6 +382,10 @@ class DecodeEngine:
 
             fx_config.use_duck_shape = False
             self.layer_fn = torch.compile(decode_layer, dynamic=True)
+        if time_layers:  # stats["layer_s"]: wall time inside the layer calls
+            if self.device.type != "cpu":
+                raise ConfigError("time_layers needs a CPU engine (its ops finish before a call returns)")
+            self.layer_fn = self._timed(self.layer_fn)
         # compiled: every read is one gather (one attention call per layer, shapes vary only in
         # items and keys), so the layer compiles to a couple of graphs instead of one per mix of
         # read modes and segment counts (which would exhaust dynamo's recompile limit)
@@ -397,6 +402,15 @@ class DecodeEngine:
             head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
             self.w_head = (head * model.norm.weight).detach()
         self.stats: dict = {}
+
+    def _timed(self, fn):
+        def call(*args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            self.stats["layer_s"] += time.perf_counter() - t0
+            return out
+
+        return call
 
     def _buf(self, rows: int, cols: int | None = None) -> tuple[Tensor, Tensor]:
         shape = (rows, self.cfg.n_kv_heads, cols or self.max_len, self.cfg.head_dim)
@@ -484,7 +498,7 @@ class DecodeEngine:
             self.logits_out = torch.zeros(shape, dtype=torch.float64, device=self.device)
         self.reqs = requests
         self.req_stats = [dict() for _ in requests]
-        self.stats = {"steps": 0, "tokens_fed": 0, "tokens_generated": 0, "kv_bytes_used": 0}
+        self.stats = {"steps": 0, "tokens_fed": 0, "tokens_generated": 0, "kv_bytes_used": 0, "layer_s": 0.0}
         self.calls: Counter[int] = Counter()  # layer calls by the number of tokens in them
         t0 = time.perf_counter()
         self._serve()

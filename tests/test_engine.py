@@ -320,6 +320,10 @@ def test_decode_probe_rows(tmp_path, model):
         assert r["probe"] == "decode" and r["tokens_per_s"] > 0 and r["ms_per_step"] > 0
         assert r["generated_tokens"] == sum(gen_lengths_of(cfg)) and r["peak_mem_bytes"] > 0
         assert r["kv_bytes_per_token"] == pytest.approx(r["kv_bytes_per_token_analytic_at_depths"])
+        # CPU: the time inside layer calls is measured, a part of the run, the rest is the engine's own
+        calls = sum(r["layer_calls_by_tokens"].values())
+        assert 0 < r["layer_share"] < 1
+        assert r["ms_per_layer_call"] * calls == pytest.approx(1000 * r["layer_share"] * r["elapsed_s"])
     if model == "vanilla":
         assert top["batch_size"] == 2  # relative rule: vanilla keeps its batch, measured once
         assert top["measured_as"] == "fixed" and top["elapsed_s"] == fixed["elapsed_s"]

@@ -52,6 +52,7 @@ engine also fuses Q/K/V and gate/up weights (a copy, `fuse`); on GPU it uses the
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -95,7 +96,9 @@ def make_engine(model, batch_size: int, max_len: int, **kw) -> DecodeEngine:
 
 class _Pack:
     """Host arrays gathered into one device tensor per kind: the int64 parts (indices, counts) and
-    the float parts (attention biases, in the engine's dtype). Two host-to-device copies per stage."""
+    the float parts (attention biases, in the engine's dtype). Two host-to-device copies per stage;
+    on CPU none: the tensors share the arrays' memory (the engine's ops there finish before the host
+    touches an array again)."""
 
     def __init__(self):
         self.parts: list[np.ndarray] = []
@@ -111,8 +114,17 @@ class _Pack:
 
     def upload(self, device, dtype: torch.dtype) -> list[Tensor]:
         """The int parts as device tensors; the float parts are kept in `self.floats`."""
-        self.floats = self._flat(self.fparts, device, dtype) if self.fparts else []
-        return self._flat(self.parts, device, torch.long)
+        flat = self._shared if self.in_place(device) else self._flat
+        self.floats = flat(self.fparts, device, dtype) if self.fparts else []
+        return flat(self.parts, device, torch.long)
+
+    @staticmethod
+    def in_place(device) -> bool:
+        return device.type == "cpu"
+
+    @staticmethod
+    def _shared(parts: list[np.ndarray], device, dtype) -> list[Tensor]:
+        return [torch.from_numpy(a).to(dtype) for a in parts]
 
     @staticmethod
     def _flat(parts: list[np.ndarray], device, dtype) -> list[Tensor]:
@@ -183,10 +195,20 @@ def _bias_width(L: int) -> int:
     return _aligned(L + 1)
 
 
+@functools.cache
+def _bias_rows(w: int) -> tuple[int, np.ndarray]:
+    """m, a power of two >= w, and the w-wide windows (a view) over m zeros then m -inf: window
+    m - c is a bias row with c zeros."""
+    m = 1 << (w - 1).bit_length()
+    ramp = np.concatenate([np.zeros(m, np.float32), np.full(m, -np.inf, np.float32)])
+    return m, np.lib.stride_tricks.sliding_window_view(ramp, w)
+
+
 def _bias(counts: np.ndarray, L: int) -> np.ndarray:
     """Additive attention bias [len(counts), `_bias_width(L)`]: 0 on each row's first `count` keys,
-    -inf after (each row starts aligned; `_Seg.resolve` views its first L columns)."""
-    return np.where(np.arange(_bias_width(L)) < counts[:, None], np.float32(0), np.float32(-np.inf))
+    -inf after (each row starts aligned; `_Seg.resolve` views its first L columns). One copy."""
+    m, rows = _bias_rows(_bias_width(L))
+    return rows[m - counts]
 
 
 def _seg(
@@ -211,10 +233,11 @@ def _seg(
         idx, masked = pack.put(rows), np.ones(slab, dtype=np.int64)
         masked[rows] = counts
     elif kind == "gather":  # flat [item, kv head, column] indices from each item's window start
-        # columns past an item's count are masked; clamped so a window never leaves the buffer
-        cols = np.minimum(np.broadcast_to(c0, rows.shape)[:, None] + np.arange(L), width - 1)
-        heads = rows[:, None] * kvh + np.arange(kvh)
-        idx = pack.put(heads[:, :, None] * width + cols[:, None, :])
+        # columns past an item's count are masked: they repeat its last key (read already, and
+        # never past its window)
+        start = (rows[:, None] * kvh + np.arange(kvh)) * width + np.broadcast_to(c0, rows.shape)[:, None]
+        cols = np.minimum(np.arange(L), counts[:, None] - 1)
+        idx = pack.put(start[:, :, None] + cols[:, None, :])
     full = kind == "identity" and bool((counts == L).all())  # e.g. a batch of equal-length requests
     seg._i = (kind, idx, -1 if full else pack.putf(_bias(masked, L)))
     return seg

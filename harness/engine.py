@@ -37,7 +37,8 @@ stats["kv_grows"]). Under recursive KV sharing only region 0 exists and later re
 without projecting K/V. The host knows every length, so it builds each read's additive attention
 bias (0 on a row's first `count` keys, -inf after; L the step's longest, a Python int: caches are
 sliced to the active bound) and gather indices in numpy, and uploads them with the step's other
-arrays (`_Pack`: one int and one float host-to-device copy per stage). Keys carry RoPE of their
+arrays (`_Pack`: one int and one float host-to-device copy per stage; none on CPU, where the
+tensors share the arrays). Keys carry RoPE of their
 absolute positions, so a compacted recursion cache needs no position table.
 
 Reading the caches of a batch of items, per recursion segment of the step (`_seg`, one region):

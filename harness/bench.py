@@ -200,22 +200,34 @@ def memory_fit(core, bcfg, elem: int, max_len: int) -> dict:
     return {"fit": b, "fit_vanilla": bv, "param_bytes": params, "kv_bytes_per_seq": per_seq, "budget": budget}
 
 
-def check_batches(bcfg, mem: dict) -> None:
+def seqs_per_slot(bcfg, model) -> float:
+    """MoR's decode batch is the shared block's slots, refilled from bench.seq_slots_factor x as
+    many sequences in flight; every other family decodes one sequence per batch row."""
+    return bcfg.seq_slots_factor if hasattr(model, "router") else 1.0
+
+
+def sequences_in_flight(bcfg, model, batch_size: int) -> int:
+    """Sequences (KV rows) a decode batch of `batch_size` holds."""
+    return max(batch_size, round(seqs_per_slot(bcfg, model) * batch_size))
+
+
+def check_batches(bcfg, mem: dict, model) -> None:
     """A requested batch that cannot fit is a user error: say so before any decoding."""
     for bs in bcfg.batch_sizes:
-        need = mem["param_bytes"] + bs * mem["kv_bytes_per_seq"]
+        seqs = sequences_in_flight(bcfg, model, bs)
+        need = mem["param_bytes"] + seqs * mem["kv_bytes_per_seq"]
         if need > mem["budget"]:
             raise ConfigError(
-                f"bench.batch_sizes: batch {bs} needs {need / 2**30:.2f} GiB (parameters "
-                f"{mem['param_bytes'] / 2**30:.2f} GiB + KV {mem['kv_bytes_per_seq'] / 2**20:.1f} MiB per "
-                f"sequence) > bench.memory_budget_gb={bcfg.memory_budget_gb}; the largest that fits: "
-                f"{mem['fit']}"
+                f"bench.batch_sizes: batch {bs} ({seqs} sequences in flight) needs {need / 2**30:.2f} GiB "
+                f"(parameters {mem['param_bytes'] / 2**30:.2f} GiB + KV "
+                f"{mem['kv_bytes_per_seq'] / 2**20:.1f} MiB per sequence) > "
+                f"bench.memory_budget_gb={bcfg.memory_budget_gb}; the most sequences that fit: {mem['fit']}"
             )
 
 
-def max_batch_size(bcfg, mem: dict) -> int:
-    if bcfg.max_batch_rule == "fit":
-        return mem["fit"]
+def max_batch_size(bcfg, mem: dict, model) -> int:
+    if bcfg.max_batch_rule == "fit":  # the largest batch whose sequences in flight fit
+        return int(mem["fit"] // seqs_per_slot(bcfg, model))
     if bcfg.max_batch_rule == "relative":  # paper: 32 x (max batch of the model / of vanilla)
         return max(1, round(bcfg.batch_sizes[0] * mem["fit"] / max(1, mem["fit_vanilla"])))
     raise ConfigError(f"bench.max_batch_rule={bcfg.max_batch_rule!r} is invalid: allowed fit, relative")
@@ -251,7 +263,7 @@ def decode_probe(model, bcfg, batch_size: int, lengths: list[int], device, seed:
     kw = {}
     if hasattr(model, "router"):
         kw = {
-            "seq_slots": max(batch_size, round(bcfg.seq_slots_factor * batch_size)),
+            "seq_slots": sequences_in_flight(bcfg, model, batch_size),
             "flush_at": max(1, round(bcfg.flush_frac * batch_size)),
             "kv_slack": bcfg.kv_slack,
         }
@@ -440,9 +452,9 @@ def run_bench(cfg: DictConfig, run_dir: Path | None) -> list[dict]:
                 dec = copy.deepcopy(core).to(torch.bfloat16)  # the engine decodes in the weights' dtype
             max_len = 1 + bcfg.prompt_len + max(lengths) - 1
             mem = memory_fit(core, bcfg, elem, max_len)
-            check_batches(bcfg, mem)
+            check_batches(bcfg, mem, core)
             batches = [(bs, "fixed") for bs in bcfg.batch_sizes]
-            b_max = max_batch_size(bcfg, mem) if bcfg.max_batch else None
+            b_max = max_batch_size(bcfg, mem, core) if bcfg.max_batch else None
             if b_max is not None:  # a batch beyond the queue would only allocate idle rows
                 batches.append((max(1, min(b_max, len(lengths))), "max"))
             ctx = _decode_context(lengths, 1 + bcfg.prompt_len)

@@ -77,7 +77,8 @@ class BenchConfig:
     compile: bool = False
     max_batch_rule: str = "fit"  # fit (largest batch in the budget) | relative (paper: B0 x fit/fit_vanilla)
     temperature: float = 1.0  # decode sampling temperature (0 = greedy; random weights collapse under greedy)
-    seq_slots_factor: float = 1.0  # MoR: sequences in flight per block slot (1: the same KV rows as vanilla)
+    seq_slots_factor: float = 1.0  # MoR: sequences in flight per block slot (1: the same KV rows as vanilla;
+    # bench=paper: 2, the block's slots refilled at once while exits wait for the last layer)
     flush_frac: float = 1.0  # MoR: exits wait for this batch fraction before last layer + head (paper: 1)
     kv_slack: float = 0.25  # MoR: recursion r caches capacity_r x length x (1 + slack), widened if exceeded
 

@@ -354,6 +354,27 @@ def test_decode_probe_rejects_a_batch_that_cannot_fit():
         run_bench(cfg, None)
 
 
+def test_mor_batches_hold_their_sequences_in_flight_within_the_budget():
+    """MoR's batch is the block's slots, refilled from seq_slots_factor x as many sequences: the
+    memory check and the `fit` max batch count those sequences' KV, not the slots'."""
+    from harness.bench import check_batches, max_batch_size, memory_fit, sequences_in_flight
+    from tests.helpers import compose
+
+    def bench(*over):
+        return compose([*PROBE, "model=mor_expert", "bench.seq_slots_factor=2.0", *over]).bench
+
+    core = build(FAMILIES["mor-expert-cache"])
+    mem = memory_fit(core, bench(), 4, 16)
+    # a budget for exactly 7 sequences: batch 3 (6 sequences) fits, batch 4 (8) does not
+    mem = {**mem, "budget": mem["param_bytes"] + 7 * mem["kv_bytes_per_seq"], "fit": 7}
+    assert sequences_in_flight(bench(), core, 3) == 6
+    check_batches(bench("bench.batch_sizes=[3]"), mem, core)
+    with pytest.raises(ConfigError, match=r"batch 4 \(8 sequences in flight\).*memory_budget_gb"):
+        check_batches(bench("bench.batch_sizes=[4]"), mem, core)
+    assert max_batch_size(bench("bench.max_batch_rule=fit"), mem, core) == 3
+    assert sequences_in_flight(bench(), build(FAMILIES["vanilla"]), 4) == 4  # one sequence per row
+
+
 def test_decode_ratio_benchmark_reports_consistent_fields():
     from harness.benchmarks import decode_ratio
 
@@ -363,13 +384,24 @@ def test_decode_ratio_benchmark_reports_consistent_fields():
     assert out["flop_speedup"] > 1  # MoR skips recursions for some tokens
     assert out["fraction_of_flop_speedup"] == pytest.approx(out["speedup"] / out["flop_speedup"])
     assert out["meets_goal"] == (out["fraction_of_flop_speedup"] >= 0.9)
+    assert out["max_batch_beats_batch"] == (out["speedup_max_batch"] > out["speedup"])
     assert out["batch_max_mor"] > 4  # less KV per sequence: a larger relative maximum batch
     assert out["speedup_max_batch"] == pytest.approx(out["mor_max_batch_tok_s"] / out["vanilla_tok_s"])
+    assert out["speedup_batch_seqs"] == pytest.approx(out["mor_batch_seqs_tok_s"] / out["vanilla_tok_s"])
+    # MoR's block batch is refilled from twice the sequences; the side run has vanilla's rows only
+    assert out["seq_slots"] == {
+        "vanilla": 4,
+        "mor_expert": 8,
+        "mor_expert_max": 2 * out["batch_max_mor"],
+        "mor_expert_batch_seqs": 4,
+    }
+    assert out["kv_bytes_allocated"]["mor_expert"] > out["kv_bytes_allocated"]["mor_expert_batch_seqs"]
+    assert all(0 < n <= 4 for k, n in out["mean_block_items"].items() if k != "mor_expert_max")
     assert out["depth_fractions"][0] == 1.0 and out["depth_fractions"][2] < 1
     # the layer-time ceiling prices every layer call at its measured per-call cost
     cost = out["layer_ms_by_tokens"]
     assert min(cost) == 1 and all(t > 0 for t in cost.values())
-    assert set(out["layer_time_ceiling"]) == {"mor_expert", "mor_expert_max", "mor_expert_2x_slots"}
+    assert set(out["layer_time_ceiling"]) == {"mor_expert", "mor_expert_max", "mor_expert_batch_seqs"}
     assert out["fraction_of_ceiling"]["mor_expert"] == pytest.approx(
         out["speedup"] / out["layer_time_ceiling"]["mor_expert"]
     )

@@ -202,8 +202,14 @@ def test_slurm_launcher_groups_by_size_and_skips_finished(tmp_path, monkeypatch)
     params, overrides = submitted[0]
     assert params["gpus_per_node"] == 8 and params["tasks_per_node"] == 8 and params["mem_gb"] == 512
     assert all("size=1.7b" in " ".join(o) for o in overrides) and len(overrides) == 2
-    # the executor it would build maps fields as hydra-submitit-launcher does
+    # the executor it would build maps fields as hydra-submitit-launcher does (submitit wants an
+    # `srun` on PATH to build one; a machine without Slurm gets a stand-in that is never run)
     monkeypatch.undo()
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
     ex = MorSlurmLauncher._executor(launcher, {**params, "submitit_folder": str(tmp_path / "%j")})
     assert ex._executor.parameters["ntasks_per_node"] == 8 and ex._executor.parameters["mem"] == "512GB"
     assert ex._executor.max_num_timeout == params["max_num_timeout"]

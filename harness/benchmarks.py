@@ -1,6 +1,6 @@
 """`make bench`: the performance targets of the issues, measured side by side, written as JSON.
 
-    python -m harness.benchmarks --out results/bench [--size small] [--quick]
+    python -m harness.benchmarks --out results/bench [--size small] [--quick] [--only NAME ...]
 
 * model_speed: our vanilla forward+backward tokens/s vs transformers' LlamaForCausalLM (sdpa) on the
   same config and weights, eager and torch.compile'd (goal >= 1.2x).
@@ -112,13 +112,15 @@ def model_speed(size: dict, batch: int, seq: int, iters: int) -> dict:
 
 
 def mor_step_ratio(size: dict, batch: int, seq: int, iters: int) -> dict:
-    """Train-step time MoR-E (N_r=3) / vanilla vs their analytic exact train-FLOP ratio."""
+    """Train-step time MoR-E (N_r=3) / vanilla vs their analytic exact train-FLOP ratio (steps timed
+    in turn, so drift in the machine's speed hits both alike)."""
     torch.manual_seed(0)
     ids = torch.randint(0, size["vocab_size"], (batch, seq + 1))
     van = build_model(ModelConfig(family="vanilla", **size))
     mor = build_model(ModelConfig(family="mor", num_recursions=3, sharing="middle_cycle", **size))
-    tv = _median_time(_fwd_bwd(van.train(), ids, False), 2, iters)
-    tm = _median_time(_fwd_bwd(mor.train(), ids, False), 2, iters)
+    tv, tm = _interleaved_median_times(
+        [_fwd_bwd(van.train(), ids, False), _fwd_bwd(mor.train(), ids, False)], 2, iters
+    )
     fv = van.flops_per_token(seq, "exact").train
     fm = mor.flops_per_token(seq, "exact").train
     time_ratio, flop_ratio = tm / tv, fm / fv
@@ -419,6 +421,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/bench")
     ap.add_argument("--size", default="small", choices=sorted(SIZES))
     ap.add_argument("--quick", action="store_true", help="fewer iterations (smoke check)")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks (names below)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -441,7 +444,12 @@ def main() -> None:
         },
         "train_probes_tiny": lambda: probes("tiny", args.quick, "train"),  # per family, next to `small`
     }
+    unknown = sorted(set(args.only or []) - set(benches))
+    if unknown:
+        ap.error(f"--only {' '.join(unknown)}: unknown; allowed: {', '.join(benches)}")
     for name, fn in benches.items():  # each file is written as soon as its numbers exist
+        if args.only and name not in args.only:
+            continue
         value = fn()
         size_of = "tiny" if name == "train_probes_tiny" else args.size
         records.write_json(out / f"{name}.json", {"env": env, "size": size_of, "results": value})

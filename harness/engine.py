@@ -47,8 +47,9 @@ of the rows are items: attend over all rows in place with zero queries on the ot
 their outputs), or *gather* (copy just the items' rows). No loop over
 tokens; the only Python loops in a step are over layers and (at most N_r) recursion segments.
 
-Attention is SDPA with each kv head's query heads as one query block (no K/V repeat). On CPU the
-engine also fuses Q/K/V and gate/up weights (a copy, `fuse`); on GPU it uses the model's own weights.
+Attention takes each kv head's query heads as one query block (no K/V repeat): SDPA on GPU, two
+matmuls and a softmax on CPU (`attend`). On CPU the engine also fuses Q/K/V and gate/up weights (a
+copy, `fuse`); on GPU it uses the model's own weights.
 """
 
 from __future__ import annotations

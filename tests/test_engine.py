@@ -606,3 +606,19 @@ def test_cuda_engine_matches_cached_decoding(name):
         eng = make_engine(model, 2, 16, compile=compile)
         assert not eng.fuse
         assert [r.tokens for r in eng.run(reqs)] == want
+
+
+def test_benchmarks_only_runs_the_named_ones(tmp_path, monkeypatch, capsys):
+    """`python -m harness.benchmarks --only NAME`: just those files; an unknown name is an error
+    that lists the allowed ones, before anything runs."""
+    import sys
+
+    from harness import benchmarks
+
+    monkeypatch.setattr(sys, "argv", ["benchmarks", "--out", str(tmp_path), "--only", "loader_speed"])
+    benchmarks.main()
+    assert [p.name for p in tmp_path.iterdir()] == ["loader_speed.json"]
+    monkeypatch.setattr(sys, "argv", ["benchmarks", "--out", str(tmp_path), "--only", "decode_rate"])
+    with pytest.raises(SystemExit):
+        benchmarks.main()
+    assert "--only decode_rate: unknown; allowed: model_speed" in capsys.readouterr().err

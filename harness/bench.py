@@ -260,10 +260,11 @@ def decode_probe(model, bcfg, batch_size: int, lengths: list[int], device, seed:
     sequences in flight, exits flushed through the last layer/head at `flush_frac x batch_size`."""
     prompt = [BOS] * (1 + bcfg.prompt_len)
     max_len = len(prompt) + max(lengths) - 1
+    slots = sequences_in_flight(bcfg, model, batch_size)
     kw = {}
     if hasattr(model, "router"):
         kw = {
-            "seq_slots": sequences_in_flight(bcfg, model, batch_size),
+            "seq_slots": slots,
             "flush_at": max(1, round(bcfg.flush_frac * batch_size)),
             "kv_slack": bcfg.kv_slack,
         }
@@ -278,7 +279,6 @@ def decode_probe(model, bcfg, batch_size: int, lengths: list[int], device, seed:
         time_layers=cpu,
         **kw,
     )
-    slots = kw.get("seq_slots", batch_size)
     if bcfg.warmup > 0:
         # untimed: twice the slots' worth of requests, their lengths scaled to at most `warmup`
         # steps but as ragged as the real ones, so refills, partial batches and every read mode

@@ -276,7 +276,14 @@ def decode_ratio(
     empty while exits wait."""
     from dataclasses import replace
 
-    from .bench import _decode_context, decode_accounting, decode_probe, gen_lengths, memory_fit
+    from .bench import (
+        _decode_context,
+        decode_accounting,
+        decode_probe,
+        gen_lengths,
+        max_batch_size,
+        memory_fit,
+    )
     from .config import BenchConfig
 
     bcfg = BenchConfig(
@@ -285,6 +292,8 @@ def decode_ratio(
         gen_len_std=gen_len // 4,
         num_requests=num_requests,
         memory_budget_gb=80.0,
+        batch_sizes=[batch],
+        max_batch_rule="relative",
     )
     lengths = gen_lengths(bcfg, 0, size["max_seq_len"])
     models = {}
@@ -294,10 +303,9 @@ def decode_ratio(
         if kw:
             m.calibrate([torch.randint(0, size["vocab_size"], (4, min(256, size["max_seq_len"])))])
         models[name] = m
-    mem = memory_fit(models["mor_expert"], bcfg, 4, max(lengths))
-    batch_max = max(1, round(batch * mem["fit"] / mem["fit_vanilla"]))
-    filled = replace(bcfg, seq_slots_factor=slots_factor)
     mor = models["mor_expert"]
+    filled = replace(bcfg, seq_slots_factor=slots_factor)
+    batch_max = max_batch_size(filled, memory_fit(mor, bcfg, 4, max(lengths)), mor)
     runs = {
         "vanilla": (models["vanilla"], batch, bcfg),
         "mor_expert": (mor, batch, filled),

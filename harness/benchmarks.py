@@ -8,8 +8,9 @@
   ratio (goal: within 15%).
 * probes: decode / train / memory probes for vanilla, recursive, MoR-expert, MoR-token
   (random weights, routers calibrated to their capacities).
-* decode_ratio: MoR-E (N_r=3) decode tokens/s over vanilla's at batch 32, runs interleaved and
-  repeated (median), at `small_deep` (the paper's 32-layer layout: MoR is 1+10x3+1), `small` and
+* decode_ratio: MoR-E (N_r=3) decode tokens/s over vanilla's at batch 32, runs interleaved (in
+  alternating order) and repeated (median of the rounds' ratios), at `small_deep` (the paper's
+  32-layer layout: MoR is 1+10x3+1), `small` and
   `medium` (8 layers: a 2-layer shared block), next to the analytic FLOP speed-up (goal: >= 90% of
   it, and more at the maximum batch). MoR's batch is the shared block's 32 slots, refilled at once
   from twice as many sequences in flight (the paper's regime); also MoR at the relative maximum
@@ -264,7 +265,8 @@ def decode_ratio(
     size: dict, batch: int, num_requests: int, gen_len: int, repeats: int, slots_factor: float = 2.0
 ) -> dict:
     """MoR-E N_r=3 vs vanilla decode tokens/s through the engine (random weights, thresholds
-    calibrated to the capacities), `repeats` interleaved runs each, median; with the analytic
+    calibrated to the capacities), `repeats` rounds of every run (in alternating order: the VM's
+    speed drifts), each ratio the median of its rounds' ratios; with the analytic
     forward-FLOP speed-up at the depths the tokens actually reached.
 
     Vanilla decodes `batch` sequences (continuous sequence-wise batching). MoR's batch is the
@@ -313,8 +315,9 @@ def decode_ratio(
         "mor_expert_batch_seqs": (mor, batch, bcfg),  # only `batch` sequences in flight
     }
     rows: dict[str, list[dict]] = {k: [] for k in runs}
-    for _ in range(repeats):
-        for name, (m, b, c) in runs.items():
+    for i in range(repeats):
+        for name in list(runs)[:: 1 if i % 2 == 0 else -1]:
+            m, b, c = runs[name]
             rows[name].append(decode_probe(m, c, b, lengths, torch.device("cpu")))
 
     def mid(key: str) -> dict[str, float]:  # each run's median over the repeats
@@ -324,7 +327,11 @@ def decode_ratio(
     mor_row = rows["mor_expert"][0]
     ctx = _decode_context(lengths, 1)
     acc = decode_accounting(mor, mor_row, 4, ctx)
-    speedup = {k: med[k] / med["vanilla"] for k in runs if k != "vanilla"}
+    speedup = {  # paired within a round: the runs next to each other in time
+        k: float(np.median([r["tokens_per_s"] / v["tokens_per_s"] for r, v in zip(rows[k], rows["vanilla"])]))
+        for k in runs
+        if k != "vanilla"
+    }
     flop_speedup = acc["flop_speedup_vs_vanilla"]
     # what the layers alone allow: each run's layer calls (by tokens per call) priced at the
     # measured per-call cost of the engine's layer, vanilla's total over each MoR run's

@@ -38,19 +38,21 @@ from models import ModelConfig, build_model
 
 from . import records
 
+CONF = Path(__file__).parents[1] / "conf"
+
 
 def _size(name: str) -> dict:
     """The model keys of a conf/size preset (one source of truth for sizes)."""
-    path = Path(__file__).parents[1] / "conf" / "size" / f"{name}.yaml"
-    return OmegaConf.to_container(OmegaConf.load(path).model)
+    return OmegaConf.to_container(OmegaConf.load(CONF / "size" / f"{name}.yaml").model)
 
 
 SIZES = {name: _size(name) for name in ("tiny", "small", "medium", "small_deep")}
-# the paper's decode workload: 1K requests at batch 32, about 31 per vanilla row. With few requests
-# per row the drain (the queue empty, the last sequences finishing in ever emptier passes) is a large
-# part of the run, and a larger one for MoR, which holds more sequences: at 256 requests of ~64
-# tokens MoR's block passes averaged 29.3 of 32 items (6.3 in the last tenth of them), at 1024 31.3
-PAPER_REQUESTS = 1000
+# the paper's decode workload (conf/bench/paper.yaml): 1K requests at batch 32, about 31 per vanilla
+# row. With few requests per row the drain (the queue empty, the last sequences finishing in ever
+# emptier passes) is a large part of the run, and a larger one for MoR, which holds more sequences:
+# at 256 requests of ~64 tokens MoR's block passes averaged 29.3 of 32 items (6.3 in the last tenth
+# of them), at 1024 31.3
+PAPER_REQUESTS = OmegaConf.load(CONF / "bench" / "paper.yaml").num_requests
 
 
 def _median_time(fn, warmup: int, iters: int) -> float:

@@ -312,7 +312,7 @@ def decode_probe(model, bcfg, batch_size: int, lengths: list[int], device, seed:
         "temperature": bcfg.temperature,
         "kv_bytes_per_token": st["kv_bytes_per_token"],  # measured: cache entries actually written
         "kv_bytes_allocated": engine.kv_bytes_allocated(),  # static buffers (MoR: sized by capacity)
-        "engine_extra_weight_bytes": engine.extra_weight_bytes(),  # fused Q/K/V, gate/up copies (CPU)
+        "engine_extra_weight_bytes": engine.extra_weight_bytes(),  # fused, transposed weight copies (CPU)
         "peak_mem_bytes": peak,
         "peak_mem_kind": peak_kind,
         "compiled_while_timed": graphs,  # graphs torch.compile built inside the timed run (want 0)

@@ -6,7 +6,8 @@
 Vanilla and recursive models: **continuous sequence-wise batching**. `batch_size` rows decode one
 token each per step; a row whose request is done is refilled at once from the queue (its cache row
 is simply reused from column 0: masks come from host-side lengths, so nothing is cleared), while
-the other rows go on at their own positions.
+the other rows go on at their own positions. The host needs nothing back from the device until the
+end of `run()`: no sync per step.
 
 MoR: **continuous depth-wise batching**. An *item* is the in-flight token of a sequence at its
 current recursion depth r. Each engine step
@@ -37,9 +38,9 @@ stats["kv_grows"]). Under recursive KV sharing only region 0 exists and later re
 without projecting K/V. The host knows every length, so it builds each read's additive attention
 bias (0 on a row's first `count` keys, -inf after; L the step's longest, a Python int: caches are
 sliced to the active bound) and gather indices in numpy, and uploads them with the step's other
-arrays (`_Pack`: one int and one float host-to-device copy per stage; none on CPU, where the
-tensors share the arrays). Keys carry RoPE of their
-absolute positions, so a compacted recursion cache needs no position table.
+arrays (`_Pack`: one int and one float host-to-device copy per stage, pinned and non-blocking, so
+not a sync; none on CPU, where the tensors share the arrays). Keys carry RoPE of their absolute
+positions, so a compacted recursion cache needs no position table.
 
 Reading the caches of a batch of items, per recursion segment of the step (`_seg`, one region):
 *identity* (the items are exactly the slot rows, in order: read in place), *slab* (at least half
@@ -131,14 +132,25 @@ class _Pack:
     @staticmethod
     def _flat(parts: list[np.ndarray], device, dtype) -> list[Tensor]:
         """One copy; every part starts at a multiple of ALIGN elements (CUDA's attention kernels
-        fault on a misaligned bias)."""
+        fault on a misaligned bias). On CUDA the host side is pinned and the copy non-blocking: a
+        copy from pageable memory, or a blocking one, waits for the stream to drain (PyTorch syncs
+        after it), which would add two syncs to every stage. The caching host allocator keeps the
+        pinned block until its copy is done."""
         sizes = [len(a) for a in parts]
         starts = np.concatenate([[0], np.cumsum([_aligned(n) for n in sizes])])
-        host = np.zeros(starts[-1], dtype=parts[0].dtype)
+        kind = torch.from_numpy(parts[0]).dtype
+        host_t = torch.zeros(int(starts[-1]), dtype=kind, pin_memory=device.type == "cuda")
+        host = host_t.numpy()
         for a, s in zip(parts, starts):
             host[s : s + len(a)] = a
-        flat = torch.from_numpy(host).to(device=device, dtype=dtype)
+        flat = host_t.to(device=device, dtype=dtype, non_blocking=True)
         return [flat[s : s + n] for s, n in zip(starts.tolist(), sizes)]
+
+
+def _to_host(t: Tensor) -> list:
+    """The engine's deliberate device-to-host syncs: a MoR step's routing decisions, and every
+    request's tokens at the end of `run()` (tests count them and forbid any other)."""
+    return t.tolist()
 
 
 @dataclass
@@ -550,7 +562,7 @@ class DecodeEngine:
         self.calls: Counter[int] = Counter()  # layer calls by the number of tokens in them
         t0 = time.perf_counter()
         self._serve()
-        out = self.out.tolist()
+        out = _to_host(self.out)
         self.stats["wall_s"] = time.perf_counter() - t0
         self.stats["kv_bytes_per_token"] = self.stats["kv_bytes_used"] / max(1, self.stats["tokens_fed"])
         self.stats["layer_calls_by_tokens"] = dict(sorted(self.calls.items()))
@@ -1002,7 +1014,7 @@ class DepthWiseEngine(DecodeEngine):
             st["steps"] += 1
             # -- the one sync: routing decisions -------------------------------------------------------
             parts = [x for x in (entry, dec) if x is not None]
-            vals = np.array(torch.cat(parts).tolist() if parts else [], dtype=np.int64)
+            vals = np.array(_to_host(torch.cat(parts)) if parts else [], dtype=np.int64)
             if entry is not None:
                 ent, vals = vals[:ne], vals[ne:]
                 if self.expert:

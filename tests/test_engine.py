@@ -596,6 +596,56 @@ def test_compiled_engine_matches_cached_decoding_in_few_graphs():
     assert _compiled_graphs() - g0 <= 4
 
 
+@pytest.mark.parametrize("name", ["vanilla", "mor-expert-cache", "mor-token-share"])
+@torch.no_grad()
+def test_host_waits_for_the_device_only_where_it_must(name, monkeypatch):
+    """The engine's deliberate device-to-host reads (`_to_host`): vanilla's one, the tokens at the
+    end of `run()`; MoR's at most one per step (its routing decisions) plus that one."""
+    calls = []
+    orig = engine_mod._to_host
+    monkeypatch.setattr(engine_mod, "_to_host", lambda t: calls.append(1) or orig(t))
+    model = build(FAMILIES[name])
+    eng = make_engine(model, 3, 16)
+    eng.run(requests(7, seed=8))
+    if name == "vanilla":
+        assert len(calls) == 1
+    else:
+        assert 1 < len(calls) <= eng.stats["steps"] + 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["vanilla", "mor-expert-cache", "mor-token-share"])
+@torch.no_grad()
+def test_cuda_engine_syncs_only_where_it_must(name, monkeypatch):
+    """`pytest -m gpu`: under torch.cuda's sync debug mode "error", any sync but the engine's
+    deliberate `_to_host` reads fails the run (a blocking or pageable upload syncs the stream),
+    greedy and sampled, eager and compiled (each warmed up first: compiling may sync)."""
+    orig = engine_mod._to_host
+
+    def allowed(t):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return orig(t)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    monkeypatch.setattr(engine_mod, "_to_host", allowed)
+    model = build(FAMILIES[name]).cuda()
+    reqs = requests(6, seed=4)
+    for compile in (False, True):
+        for temperature in (0.0, 1.0):
+            eng = make_engine(model, 2, 16, compile=compile, temperature=temperature)
+            want = [r.tokens for r in eng.run(reqs)]
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                got = [r.tokens for r in eng.run(reqs)]
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            assert got == want
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["vanilla", "mor-expert-cache", "mor-token-share"])

@@ -76,6 +76,10 @@ def validate_bench(bcfg) -> None:
         raise ConfigError(f"bench.flush_frac={bcfg.flush_frac} must be in (0, 1]")
     if bcfg.train_steps < 1:
         raise ConfigError(f"bench.train_steps={bcfg.train_steps} must be >= 1")
+    if bcfg.compile and bcfg.cuda_graphs:
+        raise ConfigError(
+            "bench.compile=true and bench.cuda_graphs=true: choose one (the graphs capture the eager layers)"
+        )
 
 
 def _model_overrides() -> list[str]:
@@ -276,6 +280,7 @@ def decode_probe(model, bcfg, batch_size: int, lengths: list[int], device, seed:
         temperature=bcfg.temperature,
         seed=seed,
         compile=bcfg.compile,
+        cuda_graphs=bcfg.cuda_graphs,
         time_layers=cpu,
         **kw,
     )
@@ -430,6 +435,7 @@ def run_bench(cfg: DictConfig, run_dir: Path | None) -> list[dict]:
         "device": records.device_name(device),
         "dtype": bcfg.dtype if bcfg.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32"),
         "compile": bool(bcfg.compile),
+        "cuda_graphs": bool(bcfg.cuda_graphs),
         "family": core.cfg.family,
         "routing": getattr(core, "routing_rule", None),
         "flops_per_token_forward": core.flops_per_token(cfg.data.seq_len, "exact").forward,

@@ -75,6 +75,8 @@ class BenchConfig:
     weights: str = "run"  # run (trained checkpoint when present) | random (calibrated router)
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False
+    cuda_graphs: bool = False  # decode: each step's layer stack / MoR block pass replayed as a CUDA graph
+    # (padded to the batch; CUDA only, off it the same padded steps run eagerly; not with compile)
     max_batch_rule: str = "fit"  # fit (largest batch in the budget) | relative (paper: B0 x fit/fit_vanilla)
     temperature: float = 1.0  # decode sampling temperature (0 = greedy; random weights collapse under greedy)
     seq_slots_factor: float = 1.0  # MoR: sequences in flight per block slot (1: the same KV rows as vanilla;

@@ -48,6 +48,12 @@ of the rows are items: attend over all rows in place with zero queries on the ot
 their outputs), or *gather* (copy just the items' rows). No loop over
 tokens; the only Python loops in a step are over layers and (at most N_r) recursion segments.
 
+`cuda_graphs=True` replays each vanilla step's layer stack, and each MoR block pass (the shared
+block's layers), as one CUDA graph (`_Graphs`; a GPU spends more on launching these small layers'
+kernels than on running them): the pass is padded to the batch (the padding writes to one extra cache
+row), read as one gather, its keys rounded up to a multiple of GRAPH_KEYS (one graph per multiple).
+MoR's edge stage stays eager. Off CUDA the same padded steps run uncaptured.
+
 Attention takes each kv head's query heads as one query block (no K/V repeat): SDPA on GPU, two
 matmuls and a softmax on CPU (`attend`). On CPU the engine also fuses Q/K/V and gate/up weights and
 stores every matrix transposed (a copy, `fuse`); on GPU it uses the model's own weights.
@@ -153,6 +159,48 @@ def _to_host(t: Tensor) -> list:
     return t.tolist()
 
 
+GRAPH_KEYS = 64  # cuda_graphs: a stage's key count is rounded up to a multiple of this (a graph each)
+
+
+class _Graphs:
+    """A stage's layer loop `fn(x, cos, sin, widx, gather, mask) -> x` as CUDA graphs, one per key
+    count: captured at its first use, then replayed with the step's inputs copied into the captured
+    ones (the weights and caches are read and written in place). Every input of a key has the same
+    shape: the engine pads the stage's items to the batch (a dummy cache row takes their writes)
+    and its keys to a multiple of GRAPH_KEYS. Off CUDA the loop is called directly, on the same
+    padded inputs (so CPU tests cover everything but the capture)."""
+
+    def __init__(self, fn, capture: bool):
+        self.fn, self.capture, self.graphs = fn, capture, {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        if not self.capture:
+            return self.fn(*inputs)
+        key = inputs[-1].shape[-1]  # the mask's key count
+        if key not in self.graphs:
+            static = [t.clone() for t in inputs]
+            side = torch.cuda.Stream()  # warm-up outside the graph (workspaces, lazy kernel loading);
+            side.wait_stream(torch.cuda.current_stream())  # its cache writes are this step's own
+            with torch.cuda.stream(side):
+                self.fn(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.fn(*static)
+            self.graphs[key] = (graph, static, out)
+        graph, static, out = self.graphs[key]
+        for dst, src in zip(static, inputs, strict=True):
+            dst.copy_(src)
+        graph.replay()
+        return out  # overwritten by the next replay: used before it
+
+
+def _pad(a: np.ndarray, m: int, fill: int) -> np.ndarray:
+    """a (1-D) padded to length m with `fill`."""
+    return np.concatenate([a, np.full(m - len(a), fill, dtype=a.dtype)])
+
+
 @dataclass
 class _Seg:
     """Items [a:b] of a step read keys from the first `rows` buffer rows, columns [c0:c0+L].
@@ -235,12 +283,16 @@ def _seg(
     width: int,
     kvh: int,
     c0: int | np.ndarray = 0,
+    bucket: int = 1,
 ) -> _Seg:
     """Plan how items [a:b] (rows `rows` of a [>= slab, kvh, width, hd] buffer, keys `counts`) read
-    their keys from column c0 on (one int, or one per item: then always a gather)."""
+    their keys from column c0 on (one int, or one per item: then always a gather, its key count
+    rounded up to a multiple of `bucket`)."""
     per_item = isinstance(c0, np.ndarray)
     kind = "gather" if per_item else _seg_kind(slab, rows)
     L = int(counts.max())
+    if kind == "gather":
+        L = -(-L // bucket) * bucket
     seg = _Seg(a, b, slab, L, 0 if per_item else c0)
     idx, masked = -1, counts
     if kind == "slab":  # the other rows attend to one key (their outputs are dropped)
@@ -416,6 +468,7 @@ class DecodeEngine:
         seed: int = 0,
         fuse: bool | None = None,
         compile: bool = False,
+        cuda_graphs: bool = False,
         time_layers: bool = False,
     ):
         if batch_size < 1:
@@ -424,6 +477,10 @@ class DecodeEngine:
             raise ConfigError(f"decode max_len={max_len} exceeds model.max_seq_len={model.cfg.max_seq_len}")
         if temperature < 0:
             raise ConfigError(f"temperature={temperature} must be >= 0 (0: greedy)")
+        if compile and cuda_graphs:
+            raise ConfigError(
+                "bench.compile and bench.cuda_graphs: choose one (the graphs capture the eager layers)"
+            )
         self.model = model.eval()
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype  # caches in the weights' dtype
@@ -450,6 +507,12 @@ class DecodeEngine:
         # items and keys), so the layer compiles to a couple of graphs instead of one per mix of
         # read modes and segment counts (which would exhaust dynamo's recompile limit)
         self.gather_only = compile
+        # cuda_graphs: each step's layer stack (vanilla) or shared-block pass (MoR) is one CUDA graph
+        # replay (GPU launches cost more than these small layers); its items padded to the batch,
+        # one extra cache row (`pad_row`) taking the padding's writes. Off CUDA: the same padded
+        # steps, uncaptured. Sampled tokens differ from an unpadded run (the padding draws too).
+        self.graphs = cuda_graphs
+        self.capture = cuda_graphs and self.device.type == "cuda"
         cos, sin = model.rotary.cos.to(self.dtype), model.rotary.sin.to(self.dtype)
         half = sin.shape[-1] // 2
         # one [positions, 2, head_dim] table: an item's cos and signed sin in one index_select
@@ -495,11 +558,24 @@ class DecodeEngine:
         kvh, width = self.cfg.n_kv_heads, width or self.max_len
         return ((rows[:, None] * kvh + np.arange(kvh)) * width + cols[:, None]).reshape(-1)
 
-    def _read(self, pack, a, b, slab, rows, counts, width, c0: int | np.ndarray = 0) -> _Seg:
-        """`_seg` for this engine's buffers; always a gather when compiled (`gather_only`)."""
-        if self.gather_only and not isinstance(c0, np.ndarray):
+    def _read(
+        self, pack, a, b, slab, rows, counts, width, c0: int | np.ndarray = 0, graphed: bool = False
+    ) -> _Seg:
+        """`_seg` for this engine's buffers; always a gather when compiled (`gather_only`) or
+        `graphed` (a stage captured as CUDA graphs: its keys padded to a multiple of GRAPH_KEYS)."""
+        if (self.gather_only or graphed) and not isinstance(c0, np.ndarray):
             c0 = np.full(len(rows), c0, dtype=np.int64)
-        return _seg(pack, a, b, slab, rows, counts, width, self.cfg.n_kv_heads, c0)
+        bucket = GRAPH_KEYS if graphed else 1
+        return _seg(pack, a, b, slab, rows, counts, width, self.cfg.n_kv_heads, c0, bucket)
+
+    def _graphed(self, stack):
+        """`stack(x, cos, sin, widx, n_proj, segs)` over one gather's tensors, as CUDA graphs."""
+
+        def fn(x, cos, sin, widx, gather, mask):
+            seg = _Seg(0, x.shape[0], x.shape[0], mask.shape[-1], gather=gather, mask=mask)
+            return stack(x, cos, sin, widx, x.shape[0], [seg])
+
+        return _Graphs(fn, self.capture)
 
     def _upload(self, pack: _Pack, segs: list[_Seg]) -> list[Tensor]:
         """One stage's host arrays to the device; the segments' indices and biases resolved."""
@@ -610,9 +686,18 @@ class SequenceEngine(DecodeEngine):
             for s, src in enumerate(plan.source)
         ]
         owners = sorted(set(plan.source))
-        self.buffers = [self._buf(batch_size) for _ in owners]
+        self.pad_row = batch_size  # cuda_graphs: the padding's cache row
+        self.buffers = [self._buf(batch_size + self.graphs) for _ in owners]
         self.buf_of = {s: self.buffers[i] for i, s in enumerate(owners)}
-        self.last = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.last = torch.zeros(batch_size + 1, dtype=torch.long, device=self.device)
+        self.stack_graphs = self._graphed(self._stack) if self.graphs else None
+
+    def _stack(self, x, cos, sin, widx, n_proj, segs) -> Tensor:
+        """Every effective layer (projecting K/V where the layer owns its cache)."""
+        for layer, src, project in self.slots:
+            kb, vb = self.buf_of[src]
+            x = self.layer_fn(layer, x, cos, sin, kb, vb, widx, n_proj if project else 0, segs)
+        return x
 
     def _serve(self) -> None:
         B, reqs, st = self.B, self.reqs, self.stats
@@ -644,20 +729,28 @@ class SequenceEngine(DecodeEngine):
             for k in np.flatnonzero(in_prompt).tolist():
                 ptok[k] = reqs[ri[k]].prompt_ids[pos[k]]
             produces = pos >= plen[ri] - 1  # this step's output is a generated token
+            oreq = np.where(produces, ri, len(reqs))  # others: dummy row
+            ok = np.where(produces, ngen[rows], 0)
+            m = B if self.graphs else n  # cuda_graphs: padded to the batch (the pad row)
+            if m > n:
+                rows_p, pos_p = _pad(rows, m, self.pad_row), _pad(pos, m, 0)
+                ptok, in_prompt = _pad(ptok, m, 0), _pad(in_prompt, m, True)
+                oreq, ok = _pad(oreq, m, len(reqs)), _pad(ok, m, 0)
+            else:
+                rows_p, pos_p = rows, pos
             pack = _Pack()
-            ix = [pack.put(v) for v in (rows, pos, ptok, in_prompt)]
-            ix.append(pack.put(np.where(produces, ri, len(reqs))))  # others: dummy row
-            ix.append(pack.put(np.where(produces, ngen[rows], 0)))
-            ix.append(pack.put(self._widx(rows, pos)))
-            seg = self._read(pack, 0, n, B, rows, pos + 1, self.max_len)
+            ix = [pack.put(v) for v in (rows_p, pos_p, ptok, in_prompt, oreq, ok)]
+            ix.append(pack.put(self._widx(rows_p, pos_p)))
+            seg = self._read(pack, 0, m, B, rows_p, pos_p + 1, self.max_len, graphed=self.graphs)
             parts = self._upload(pack, [seg])
             rows_t, pos_t, ptok_t, inp_t, oreq_t, ok_t, widx = (parts[i] for i in ix)
             cos, sin = self._rope(pos_t)
             x = self.model.embed_tokens(torch.where(inp_t.bool(), ptok_t, self.last[rows_t]))
-            for layer, src, project in self.slots:
-                kb, vb = self.buf_of[src]
-                x = self.layer_fn(layer, x, cos, sin, kb, vb, widx, n if project else 0, [seg])
-            self.calls[n] += len(self.slots)
+            if self.graphs:
+                x = self.stack_graphs(x, cos, sin, widx, seg.gather, seg.mask)
+            else:
+                x = self._stack(x, cos, sin, widx, n, [seg])
+            self.calls[m] += len(self.slots)
             tok = self._emit(self._logits(x), oreq_t, ok_t)
             self.last.index_copy_(0, rows_t, tok)
             # host: advance, finish, refill
@@ -733,14 +826,17 @@ class DepthWiseEngine(DecodeEngine):
             [max_len]
             + [min(max_len, max(1, math.ceil(caps[r] * max_len * (1 + kv_slack)))) for r in range(1, self.R)]
         )
+        self.pad_row = self.S  # cuda_graphs: the padding's row of the block's caches and states
+        self.rows = self.S + self.graphs
         self.pre_buf = [self._buf(self.S) for _ in self.pre]
         self.post_buf = [self._buf(self.S) for _ in self.post]
-        self.block_buf = [self._buf(self.S, self.width) for _ in self.block]
+        self.block_buf = [self._buf(self.rows, self.width) for _ in self.block]
         self.buffers = self.pre_buf + self.post_buf + self.block_buf
+        self.block_graphs = self._graphed(self._block_stack) if self.graphs else None
         d = self.cfg.d_model
-        self.X = torch.zeros(self.S, d, dtype=self.dtype, device=self.device)  # in-flight hidden state
-        self.G = torch.zeros(self.S, dtype=self.dtype, device=self.device)  # gate of the next recursion
-        self.H1 = torch.zeros(self.S, d, dtype=self.dtype, device=self.device)  # token-choice: h_1
+        self.X = torch.zeros(self.rows, d, dtype=self.dtype, device=self.device)  # in-flight hidden state
+        self.G = torch.zeros(self.rows, dtype=self.dtype, device=self.device)  # gate of the next recursion
+        self.H1 = torch.zeros(self.rows, d, dtype=self.dtype, device=self.device)  # token-choice: h_1
         if self.expert:
             thr = self.router.threshold.tolist()
             # recursion r's decision is known without looking (threshold -inf: everyone continues)
@@ -773,13 +869,15 @@ class DepthWiseEngine(DecodeEngine):
         new_off = self.off.tolist()
         bufs = []
         for kb, vb in self.block_buf:
-            nk, nv = self._buf(self.S, self.width)
+            nk, nv = self._buf(self.rows, self.width)
             for q in range(self.R):
                 src, dst = slice(old_off[q], old_off[q] + old_w[q]), slice(new_off[q], new_off[q] + old_w[q])
                 nk[:, :, dst], nv[:, :, dst] = kb[:, :, src], vb[:, :, src]
             bufs.append((nk, nv))
         self.block_buf = bufs
         self.buffers = self.pre_buf + self.post_buf + self.block_buf
+        if self.graphs:  # captured with the old buffers
+            self.block_graphs.graphs.clear()
         self.stats["kv_grows"] = self.stats.get("kv_grows", 0) + 1
 
     # -- device work ---------------------------------------------------------------------------------
@@ -832,8 +930,14 @@ class DepthWiseEngine(DecodeEngine):
         self.G.index_copy_(0, e_rows, gate.squeeze(1).to(self.G.dtype))
         return choice.squeeze(1)
 
-    def _block(self, t: list[Tensor], n_proj: int, segs: list[_Seg], depths: list[tuple[int, int, int]]):
-        """One pass of the shared block over the items (sorted by depth).
+    def _block_stack(self, x, cos, sin, widx, n_proj, segs) -> Tensor:
+        for layer, (kb, vb) in zip(self.block, self.block_buf, strict=True):
+            x = self.layer_fn(layer, x, cos, sin, kb, vb, widx, n_proj, segs)
+        return x
+
+    def _block(self, t: list[Tensor], n_proj: int, segs: list[_Seg], depths: list[tuple[int, int, int]], n):
+        """One pass of the shared block over the n items (sorted by depth; cuda_graphs: then the
+        padding).
 
         t = (rows, pos, write index, next recursion); depths: (r, a, b) item slices per recursion.
         Expert-choice: scores the next recursion, stores its gate, and returns continue? per item
@@ -841,10 +945,12 @@ class DepthWiseEngine(DecodeEngine):
         rows, pos = t[0], t[1]
         x0 = self.X.index_select(0, rows)
         cos, sin = self._rope(pos)
-        x = x0
-        for layer, (kb, vb) in zip(self.block, self.block_buf, strict=True):
-            x = self.layer_fn(layer, x, cos, sin, kb, vb, t[2], n_proj, segs)
-        self.calls[len(rows)] += len(self.block)
+        if self.graphs:
+            x = self.block_graphs(x0, cos, sin, t[2], segs[0].gather, segs[0].mask)
+            rows, x0, x = rows[:n], x0[:n], x[:n]
+        else:
+            x = self._block_stack(x0, cos, sin, t[2], n_proj, segs)
+        self.calls[len(t[0])] += len(self.block)
         if self.expert:
             x = torch.addcmul(x0, self.G.index_select(0, rows)[:, None], x)
         self.X.index_copy_(0, rows, x)
@@ -866,6 +972,21 @@ class DepthWiseEngine(DecodeEngine):
             self.G.index_copy_(0, rows[a:b], gate)
             out.append(go.long())
         return torch.cat(out)
+
+    def _block_reads(self, pack, items, count, c0, depths) -> list[_Seg]:
+        """How a block pass's items (sorted by depth) read their caches."""
+        S, n = self.S, len(items)
+        if self.share:  # every item reads its slot's recursion-0 region: one segment
+            return [self._read(pack, 0, n, S, items, count, self.width)]
+        if self.gather_only or (
+            len(depths) > 1 and all(_seg_kind(S, items[i:j]) == "gather" for _, i, j in depths)
+        ):  # one copy for every item, each from its recursion's region
+            return [self._read(pack, 0, n, S, items, count, self.width, c0)]
+        # recursion r reads region r of the slots' rows
+        return [
+            self._read(pack, i, j, S, items[i:j], count[i:j], self.width, int(self.off[rr]))
+            for rr, i, j in depths
+        ]
 
     # -- scheduling (host) -----------------------------------------------------------------------------
     def _serve(self) -> None:
@@ -979,6 +1100,7 @@ class DepthWiseEngine(DecodeEngine):
                 if self.share:
                     col = lens[0, items]
                     count = col + (r == 0)
+                    c0 = 0
                     lens[0, items[r == 0]] += 1
                 else:
                     col = lens[r, items]
@@ -991,21 +1113,20 @@ class DepthWiseEngine(DecodeEngine):
                     lens[r, items] += 1
                 pack = _Pack()
                 nxt = np.minimum(r + 1, N - 1)
-                widx = self._widx(items[:n_proj], col[:n_proj], self.width)
-                it = [pack.put(v) for v in (items, fed[items] - 1, widx, nxt)]
-                if self.share:  # every item reads its slot's recursion-0 region: one segment
-                    segs = [self._read(pack, 0, n, S, items, count, self.width)]
-                elif self.gather_only or (
-                    len(depths) > 1 and all(_seg_kind(S, items[i:j]) == "gather" for _, i, j in depths)
-                ):  # one copy for every item, each from its recursion's region
-                    segs = [self._read(pack, 0, n, S, items, count, self.width, c0)]
-                else:  # recursion r reads region r of the slots' rows
-                    segs = [
-                        self._read(pack, i, j, S, items[i:j], count[i:j], self.width, int(self.off[rr]))
-                        for rr, i, j in depths
-                    ]
+                if self.graphs:  # padded to the batch; every item projects (non-writers: the pad row)
+                    m, pr = B, self.pad_row
+                    widx = self._widx(_pad(items[:n_proj], m, pr), _pad(col[:n_proj], m, 0), self.width)
+                    items_p = _pad(items, m, pr)
+                    it = [pack.put(v) for v in (items_p, _pad(fed[items] - 1, m, 0), widx, nxt)]
+                    c0 = _pad(np.broadcast_to(c0, (n,)), m, 0)
+                    segs = [self._read(pack, 0, m, S, items_p, _pad(count, m, 1), self.width, c0, True)]
+                    n_proj = m
+                else:
+                    widx = self._widx(items[:n_proj], col[:n_proj], self.width)
+                    it = [pack.put(v) for v in (items, fed[items] - 1, widx, nxt)]
+                    segs = self._block_reads(pack, items, count, c0, depths)
                 parts = self._upload(pack, segs)
-                dec = self._block([parts[i] for i in it], n_proj, segs, depths)
+                dec = self._block([parts[i] for i in it], n_proj, segs, depths, n)
                 st["block_steps"] += 1
                 st["block_items"] += n
                 depth[items] += 1

@@ -124,6 +124,45 @@ def test_greedy_engine_equals_cached_and_full_forward_decoding(name):
     assert st["kv_bytes_per_token"] == pytest.approx(model.kv_bytes_per_token(8, fractions))
 
 
+@pytest.mark.parametrize("name", list(FAMILIES))
+@torch.no_grad()
+def test_cuda_graphs_padded_steps_decode_the_same(name):
+    """cuda_graphs (here on CPU: the same padded, bucketed steps, uncaptured): every vanilla step
+    and every MoR block pass runs at the full batch, its keys padded to a multiple of GRAPH_KEYS,
+    the padding writing to the extra cache row; tokens and logits stay those of cached decoding."""
+    model = build(FAMILIES[name])
+    reqs = requests(9)
+    mor_family = hasattr(model, "router")
+    kw = dict(seq_slots=4, flush_at=2) if mor_family else {}
+    eng = make_engine(model, 3, 16, cuda_graphs=True, **kw)
+    keys = []
+    orig = engine_mod._Graphs.__call__
+
+    def spy(self, *inputs):
+        keys.append((inputs[0].shape[0], inputs[-1].shape[-1]))
+        return orig(self, *inputs)
+
+    # NaN in the padding's row: a real item reading it would turn its logits NaN
+    pads = [*(eng.block_buf if mor_family else eng.buffers), *([(eng.X, eng.H1)] if mor_family else [])]
+    for t in (t for pair in pads for t in pair):
+        t[eng.pad_row] = float("nan")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine_mod._Graphs, "__call__", spy)
+        results = eng.run(reqs, keep_logits=True)
+    _check(model, reqs, results)
+    st = eng.stats
+    steps, items = (st["block_steps"], st["block_items"]) if mor_family else (st["steps"], st["tokens_fed"])
+    assert items < 3 * steps  # some passes were padded
+    # one long request decoding alone in the first row, the padding beside it
+    lopsided = [Request([1, 2], 12), Request([3], 2), Request([4], 2)]
+    _check(model, lopsided, eng.run(lopsided, keep_logits=True))
+    assert len(keys) == steps and {k for k, _ in keys} == {3}  # every stage at the batch
+    assert {L for _, L in keys} == {engine_mod.GRAPH_KEYS}  # 16 columns: one key bucket
+    assert not eng.capture
+    with pytest.raises(ConfigError, match="choose one"):
+        make_engine(model, 3, 16, cuda_graphs=True, compile=True)
+
+
 @torch.no_grad()
 def test_mor_depth_zero_exits_and_every_read_mode():
     """A finite recursion-0 threshold (decisions come back through the sync before a token enters
@@ -519,6 +558,10 @@ def test_bench_of_a_trained_run_refuses_another_architecture(tmp_path):
         ("bench.temperature=-1", "bench.temperature=-1.0 must be >= 0"),
         ("bench.flush_frac=0", "bench.flush_frac=0.0 must be in (0, 1]"),
         (
+            "bench.compile=true bench.cuda_graphs=true",
+            "bench.compile=true and bench.cuda_graphs=true: choose one",
+        ),
+        (
             "bench.gen_len_mean=600",
             "bench.gen_len_mean=600 exceeds the model's context model.max_seq_len=512",
         ),
@@ -531,7 +574,7 @@ def test_bad_bench_values_fail_before_any_work(tmp_path, override, message):
     from harness.main import run
     from tests.helpers import compose
 
-    cfg = compose([*PROBE, override, "stages=[train,eval,bench]", f"results_root={tmp_path}"])
+    cfg = compose([*PROBE, *override.split(), "stages=[train,eval,bench]", f"results_root={tmp_path}"])
     built = []
     orig = bench_mod.build_model
     bench_mod.build_model = lambda *a, **k: built.append(1) or orig(*a, **k)
@@ -620,7 +663,8 @@ def test_host_waits_for_the_device_only_where_it_must(name, monkeypatch):
 def test_cuda_engine_syncs_only_where_it_must(name, monkeypatch):
     """`pytest -m gpu`: under torch.cuda's sync debug mode "error", any sync but the engine's
     deliberate `_to_host` reads fails the run (a blocking or pageable upload syncs the stream),
-    greedy and sampled, eager and compiled (each warmed up first: compiling may sync)."""
+    greedy and sampled, eager, compiled and as CUDA graphs (each warmed up first: compiling and
+    capturing may sync)."""
     orig = engine_mod._to_host
 
     def allowed(t):
@@ -633,9 +677,9 @@ def test_cuda_engine_syncs_only_where_it_must(name, monkeypatch):
     monkeypatch.setattr(engine_mod, "_to_host", allowed)
     model = build(FAMILIES[name]).cuda()
     reqs = requests(6, seed=4)
-    for compile in (False, True):
+    for mode in ({}, {"compile": True}, {"cuda_graphs": True}):
         for temperature in (0.0, 1.0):
-            eng = make_engine(model, 2, 16, compile=compile, temperature=temperature)
+            eng = make_engine(model, 2, 16, temperature=temperature, **mode)
             want = [r.tokens for r in eng.run(reqs)]
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
@@ -659,8 +703,8 @@ def test_cuda_engine_matches_cached_decoding(name):
         model.generate(torch.tensor([r.prompt_ids], device="cuda"), r.max_new_tokens)[0].tolist()
         for r in reqs
     ]
-    for compile in (False, True):
-        eng = make_engine(model, 2, 16, compile=compile)
+    for mode in ({}, {"compile": True}, {"cuda_graphs": True}):
+        eng = make_engine(model, 2, 16, **mode)
         assert not eng.fuse
         assert [r.tokens for r in eng.run(reqs)] == want
 

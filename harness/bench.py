@@ -292,14 +292,18 @@ def decode_probe(model, bcfg, batch_size: int, lengths: list[int], device, seed:
         warm = [max(1, n * min(bcfg.warmup, top) // top) for n in lengths[: 2 * slots]]
         engine.run([Request(prompt, n) for n in warm])
     reqs = [Request(prompt, n) for n in lengths]
-    graphs = _compiled_graphs()
+
+    def captures() -> int:  # CUDA graphs captured so far (cuda_graphs on a GPU)
+        return engine.stage_graphs.captures if bcfg.cuda_graphs else 0
+
+    graphs, cuda_graphs = _compiled_graphs(), captures()
     _sync(device)
     _reset_peak(device)
     t0 = time.perf_counter()
     results = engine.run(reqs)
     _sync(device)
     dt = time.perf_counter() - t0
-    graphs = _compiled_graphs() - graphs
+    graphs, cuda_graphs = _compiled_graphs() - graphs, captures() - cuda_graphs
     peak, peak_kind = _peak(device)
     st = engine.stats
     n_tok = sum(lengths)
@@ -321,6 +325,7 @@ def decode_probe(model, bcfg, batch_size: int, lengths: list[int], device, seed:
         "peak_mem_bytes": peak,
         "peak_mem_kind": peak_kind,
         "compiled_while_timed": graphs,  # graphs torch.compile built inside the timed run (want 0)
+        "cuda_graphs_captured_while_timed": cuda_graphs,  # (want 0; a widened MoR cache recaptures)
         "engine": type(engine).__name__,
         "engine_routing_exact": getattr(engine, "routing_exact", True),  # False: Router.engine_exact
         # {tokens in a layer call: calls}, keys as strings so the row reads back from JSON unchanged

@@ -173,6 +173,7 @@ class _Graphs:
     def __init__(self, fn, capture: bool):
         self.fn, self.capture, self.graphs = fn, capture, {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.captures = 0
 
     def __call__(self, *inputs: Tensor) -> Tensor:
         if not self.capture:
@@ -189,6 +190,7 @@ class _Graphs:
             with torch.cuda.graph(graph, pool=self.pool):
                 out = self.fn(*static)
             self.graphs[key] = (graph, static, out)
+            self.captures += 1
         graph, static, out = self.graphs[key]
         for dst, src in zip(static, inputs, strict=True):
             dst.copy_(src)
@@ -247,7 +249,12 @@ ALIGN = 8  # elements: 16 bytes in bf16, the alignment CUDA's attention kernels 
 
 def _aligned(n: int) -> int:
     """n rounded up to a multiple of ALIGN."""
-    return -(-n // ALIGN) * ALIGN
+    return _aligned_to(n, ALIGN)
+
+
+def _aligned_to(n: int, k: int) -> int:
+    """n rounded up to a multiple of k."""
+    return -(-n // k) * k
 
 
 def _bias_width(L: int) -> int:
@@ -292,7 +299,7 @@ def _seg(
     kind = "gather" if per_item else _seg_kind(slab, rows)
     L = int(counts.max())
     if kind == "gather":
-        L = -(-L // bucket) * bucket
+        L = _aligned_to(L, bucket)
     seg = _Seg(a, b, slab, L, 0 if per_item else c0)
     idx, masked = -1, counts
     if kind == "slab":  # the other rows attend to one key (their outputs are dropped)
@@ -568,14 +575,32 @@ class DecodeEngine:
         bucket = GRAPH_KEYS if graphed else 1
         return _seg(pack, a, b, slab, rows, counts, width, self.cfg.n_kv_heads, c0, bucket)
 
-    def _graphed(self, stack):
-        """`stack(x, cos, sin, widx, n_proj, segs)` over one gather's tensors, as CUDA graphs."""
+    def _graphed(self, stack, width: int) -> None:
+        """`stack(x, cos, sin, widx, n_proj, segs)` over one gather's tensors, as CUDA graphs;
+        `width`: the columns of the buffers it reads."""
 
         def fn(x, cos, sin, widx, gather, mask):
             seg = _Seg(0, x.shape[0], x.shape[0], mask.shape[-1], gather=gather, mask=mask)
             return stack(x, cos, sin, widx, x.shape[0], [seg])
 
-        return _Graphs(fn, self.capture)
+        old = getattr(self, "stage_graphs", None)  # widened caches: captured anew
+        self.stage_graphs, self.graph_width = _Graphs(fn, self.capture), width
+        self.stage_graphs.captures = old.captures if old else 0
+
+    def capture_graphs(self) -> None:
+        """cuda_graphs: run (on CUDA: capture) every key count's graph up front, on inputs that are
+        all padding (they read and write only the pad row), so that none is captured while timed."""
+        m, kvh = self.B, self.cfg.n_kv_heads
+        rows = np.full(m, self.pad_row, dtype=np.int64)
+        widx = torch.as_tensor(
+            self._widx(rows, np.zeros(m, dtype=np.int64), self.graph_width), device=self.device
+        )
+        x = torch.zeros(m, self.cfg.d_model, dtype=self.dtype, device=self.device)
+        cos, sin = self._rope(torch.zeros(m, dtype=torch.long, device=self.device))
+        for L in range(GRAPH_KEYS, _aligned_to(self.max_len, GRAPH_KEYS) + 1, GRAPH_KEYS):
+            gather = widx.view(m, kvh, 1).expand(m, kvh, L).reshape(-1)  # column 0, L times
+            mask = torch.zeros(m, 1, 1, L, dtype=self.dtype, device=self.device)
+            self.stage_graphs(x, cos, sin, widx, gather, mask)
 
     def _upload(self, pack: _Pack, segs: list[_Seg]) -> list[Tensor]:
         """One stage's host arrays to the device; the segments' indices and biases resolved."""
@@ -624,6 +649,8 @@ class DecodeEngine:
                     f"request {i} needs {need} cached tokens (prompt {len(r.prompt_ids)} + "
                     f"{r.max_new_tokens} new - 1) > engine max_len={self.max_len}"
                 )
+        if self.capture and not self.stage_graphs.graphs:
+            self.capture_graphs()
         self.gen = torch.Generator(device=self.device).manual_seed(self.seed)
         n_new = max((r.max_new_tokens for r in requests), default=1)
         # one extra (dummy) row takes the writes of steps that generate nothing (prompt tokens)
@@ -690,7 +717,8 @@ class SequenceEngine(DecodeEngine):
         self.buffers = [self._buf(batch_size + self.graphs) for _ in owners]
         self.buf_of = {s: self.buffers[i] for i, s in enumerate(owners)}
         self.last = torch.zeros(batch_size + 1, dtype=torch.long, device=self.device)
-        self.stack_graphs = self._graphed(self._stack) if self.graphs else None
+        if self.graphs:
+            self._graphed(self._stack, max_len)
 
     def _stack(self, x, cos, sin, widx, n_proj, segs) -> Tensor:
         """Every effective layer (projecting K/V where the layer owns its cache)."""
@@ -747,7 +775,7 @@ class SequenceEngine(DecodeEngine):
             cos, sin = self._rope(pos_t)
             x = self.model.embed_tokens(torch.where(inp_t.bool(), ptok_t, self.last[rows_t]))
             if self.graphs:
-                x = self.stack_graphs(x, cos, sin, widx, seg.gather, seg.mask)
+                x = self.stage_graphs(x, cos, sin, widx, seg.gather, seg.mask)
             else:
                 x = self._stack(x, cos, sin, widx, n, [seg])
             self.calls[m] += len(self.slots)
@@ -832,7 +860,8 @@ class DepthWiseEngine(DecodeEngine):
         self.post_buf = [self._buf(self.S) for _ in self.post]
         self.block_buf = [self._buf(self.rows, self.width) for _ in self.block]
         self.buffers = self.pre_buf + self.post_buf + self.block_buf
-        self.block_graphs = self._graphed(self._block_stack) if self.graphs else None
+        if self.graphs:
+            self._graphed(self._block_stack, self.width)
         d = self.cfg.d_model
         self.X = torch.zeros(self.rows, d, dtype=self.dtype, device=self.device)  # in-flight hidden state
         self.G = torch.zeros(self.rows, dtype=self.dtype, device=self.device)  # gate of the next recursion
@@ -877,7 +906,7 @@ class DepthWiseEngine(DecodeEngine):
         self.block_buf = bufs
         self.buffers = self.pre_buf + self.post_buf + self.block_buf
         if self.graphs:  # captured with the old buffers
-            self.block_graphs.graphs.clear()
+            self._graphed(self._block_stack, self.width)
         self.stats["kv_grows"] = self.stats.get("kv_grows", 0) + 1
 
     # -- device work ---------------------------------------------------------------------------------
@@ -946,7 +975,7 @@ class DepthWiseEngine(DecodeEngine):
         x0 = self.X.index_select(0, rows)
         cos, sin = self._rope(pos)
         if self.graphs:
-            x = self.block_graphs(x0, cos, sin, t[2], segs[0].gather, segs[0].mask)
+            x = self.stage_graphs(x0, cos, sin, t[2], segs[0].gather, segs[0].mask)
             rows, x0, x = rows[:n], x0[:n], x[:n]
         else:
             x = self._block_stack(x0, cos, sin, t[2], n_proj, segs)

@@ -142,22 +142,24 @@ def test_cuda_graphs_padded_steps_decode_the_same(name):
         keys.append((inputs[0].shape[0], inputs[-1].shape[-1]))
         return orig(self, *inputs)
 
-    # NaN in the padding's row: a real item reading it would turn its logits NaN
-    pads = [*(eng.block_buf if mor_family else eng.buffers), *([(eng.X, eng.H1)] if mor_family else [])]
-    for t in (t for pair in pads for t in pair):
-        t[eng.pad_row] = float("nan")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine_mod._Graphs, "__call__", spy)
+        eng.capture_graphs()  # every key count's graph up front (16 columns: one)
+        assert keys == [(3, engine_mod.GRAPH_KEYS)]
+        # NaN in the padding's row: a real item reading it would turn its logits NaN
+        pads = [*(eng.block_buf if mor_family else eng.buffers), *([(eng.X, eng.H1)] if mor_family else [])]
+        for t in (t for pair in pads for t in pair):
+            t[eng.pad_row] = float("nan")
         results = eng.run(reqs, keep_logits=True)
     _check(model, reqs, results)
     st = eng.stats
     steps, items = (st["block_steps"], st["block_items"]) if mor_family else (st["steps"], st["tokens_fed"])
     assert items < 3 * steps  # some passes were padded
+    assert len(keys) == 1 + steps and {k for k, _ in keys} == {3}  # every stage at the batch
+    assert {L for _, L in keys} == {engine_mod.GRAPH_KEYS}
     # one long request decoding alone in the first row, the padding beside it
     lopsided = [Request([1, 2], 12), Request([3], 2), Request([4], 2)]
     _check(model, lopsided, eng.run(lopsided, keep_logits=True))
-    assert len(keys) == steps and {k for k, _ in keys} == {3}  # every stage at the batch
-    assert {L for _, L in keys} == {engine_mod.GRAPH_KEYS}  # 16 columns: one key bucket
     assert not eng.capture
     with pytest.raises(ConfigError, match="choose one"):
         make_engine(model, 3, 16, cuda_graphs=True, compile=True)

@@ -4,6 +4,7 @@
 # steps: env, gputest, and for a MODEL (vanilla, mor_expert, ...):
 #   eager-MODEL: the paper's decode protocol without torch.compile, 256 requests (quick numbers)
 #   paper-MODEL: the paper's decode protocol as configured: bf16, torch.compile, 1000 requests
+#   graphs-MODEL: the same with the eager layers replayed as CUDA graphs (bench.cuda_graphs)
 #   train-MODEL: training step, bf16 autocast, 8 x 2048 tokens: tokens/s and MFU
 #   profile-MODEL, cprofile-MODEL: scripts/profile_decode.py, eager / compiled, batch 32
 #     (PROFILE_ARGS: more of its options, e.g. --fuse)
@@ -29,8 +30,8 @@ bench() {  # bench DIR OVERRIDES...: one mor-bench whose run directories go unde
 export -f bench
 
 for arg in "$@"; do  # every step name checked before any work
-  [[ ${arg%%:*} =~ ^(env|gputest|(eager|paper|train|profile|cprofile)-[a-z_]+)$ ]] ||
-    { echo "unknown step ${arg%%:*}: allowed env, gputest, eager-, paper-, train-, profile-, cprofile-MODEL" >&2 && exit 2; }
+  [[ ${arg%%:*} =~ ^(env|gputest|(eager|paper|graphs|train|profile|cprofile)-[a-z_]+)$ ]] ||
+    { echo "unknown step ${arg%%:*}: allowed env, gputest, eager-, paper-, graphs-, train-, profile-, cprofile-MODEL" >&2 && exit 2; }
 done
 for arg in "$@"; do
   name=${arg%%:*} limit=120 dir=$(mktemp -d)
@@ -44,6 +45,8 @@ torch.version.cuda, torch.cuda.get_device_name(0))'") ;;
   profile-*) cmd=("$py" scripts/profile_decode.py --size "${SIZE:-360m}" --model "${name#*-}" ${PROFILE_ARGS:-}) ;;
   cprofile-*) cmd=("$py" scripts/profile_decode.py --size "${SIZE:-360m}" --model "${name#*-}" --compile ${PROFILE_ARGS:-}) ;;
   paper-*) cmd=(bash -c 'bench "$@"' - "$dir" "model=${name#*-}" bench=paper) ;;
+  graphs-*) cmd=(bash -c 'bench "$@"' - "$dir" "model=${name#*-}" bench=paper bench.compile=false \
+    bench.cuda_graphs=true) ;;
   train-*) cmd=(bash -c 'bench "$@"' - "$dir" "model=${name#*-}" bench=train bench.dtype=bf16 data.seq_len=2048 \
     train.micro_batch_size=8) ;;
   esac

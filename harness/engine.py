@@ -51,7 +51,8 @@ tokens; the only Python loops in a step are over layers and (at most N_r) recurs
 `cuda_graphs=True` replays each vanilla step's layer stack, and each MoR block pass (the shared
 block's layers), as one CUDA graph (`_Graphs`; a GPU spends more on launching these small layers'
 kernels than on running them): the pass is padded to the batch (the padding writes to one extra cache
-row), read as one gather, its keys rounded up to a multiple of GRAPH_KEYS (one graph per multiple).
+row), its keys rounded up to a multiple of GRAPH_KEYS, read in place when every vanilla row is in the
+pass and as one gather otherwise (one graph per read kind and multiple).
 MoR's edge stage stays eager. Off CUDA the same padded steps run uncaptured.
 
 Attention takes each kv head's query heads as one query block (no K/V repeat): SDPA on GPU, two
@@ -178,7 +179,7 @@ class _Graphs:
     def __call__(self, *inputs: Tensor) -> Tensor:
         if not self.capture:
             return self.fn(*inputs)
-        key = inputs[-1].shape[-1]  # the mask's key count
+        key = tuple(t.shape for t in inputs)  # the read kind and key count
         if key not in self.graphs:
             static = [t.clone() for t in inputs]
             side = torch.cuda.Stream()  # warm-up outside the graph (workspaces, lazy kernel loading);
@@ -294,11 +295,12 @@ def _seg(
 ) -> _Seg:
     """Plan how items [a:b] (rows `rows` of a [>= slab, kvh, width, hd] buffer, keys `counts`) read
     their keys from column c0 on (one int, or one per item: then always a gather, its key count
-    rounded up to a multiple of `bucket`)."""
+    rounded up to a multiple of `bucket`; so is an in-place read's, whose buffer must have the
+    columns)."""
     per_item = isinstance(c0, np.ndarray)
     kind = "gather" if per_item else _seg_kind(slab, rows)
     L = int(counts.max())
-    if kind == "gather":
+    if kind != "slab":
         L = _aligned_to(L, bucket)
     seg = _Seg(a, b, slab, L, 0 if per_item else c0)
     idx, masked = -1, counts
@@ -311,7 +313,8 @@ def _seg(
         start = (rows[:, None] * kvh + np.arange(kvh)) * width + np.broadcast_to(c0, rows.shape)[:, None]
         cols = np.minimum(np.arange(L), counts[:, None] - 1)
         idx = pack.put(start[:, :, None] + cols[:, None, :])
-    full = kind == "identity" and bool((counts == L).all())  # e.g. a batch of equal-length requests
+    # e.g. a batch of equal-length requests (not in a graph: one whose mask is sometimes None is two)
+    full = kind == "identity" and bucket == 1 and bool((counts == L).all())
     seg._i = (kind, idx, -1 if full else pack.putf(_bias(masked, L)))
     return seg
 
@@ -568,18 +571,21 @@ class DecodeEngine:
     def _read(
         self, pack, a, b, slab, rows, counts, width, c0: int | np.ndarray = 0, graphed: bool = False
     ) -> _Seg:
-        """`_seg` for this engine's buffers; always a gather when compiled (`gather_only`) or
-        `graphed` (a stage captured as CUDA graphs: its keys padded to a multiple of GRAPH_KEYS)."""
-        if (self.gather_only or graphed) and not isinstance(c0, np.ndarray):
+        """`_seg` for this engine's buffers; always a gather when compiled (`gather_only`); when
+        `graphed` (a stage captured as CUDA graphs: its keys padded to a multiple of GRAPH_KEYS) an
+        in-place read of every row or a gather."""
+        if not isinstance(c0, np.ndarray) and (
+            self.gather_only or (graphed and _seg_kind(slab, rows) != "identity")
+        ):
             c0 = np.full(len(rows), c0, dtype=np.int64)
         bucket = GRAPH_KEYS if graphed else 1
         return _seg(pack, a, b, slab, rows, counts, width, self.cfg.n_kv_heads, c0, bucket)
 
     def _graphed(self, stack, width: int) -> None:
-        """`stack(x, cos, sin, widx, n_proj, segs)` over one gather's tensors, as CUDA graphs;
-        `width`: the columns of the buffers it reads."""
+        """`stack(x, cos, sin, widx, n_proj, segs)` over one read's tensors (a gather, or in place
+        over every row without one), as CUDA graphs; `width`: the columns of the buffers it reads."""
 
-        def fn(x, cos, sin, widx, gather, mask):
+        def fn(x, cos, sin, widx, mask, gather=None):
             seg = _Seg(0, x.shape[0], x.shape[0], mask.shape[-1], gather=gather, mask=mask)
             return stack(x, cos, sin, widx, x.shape[0], [seg])
 
@@ -600,7 +606,9 @@ class DecodeEngine:
         for L in range(GRAPH_KEYS, _aligned_to(self.max_len, GRAPH_KEYS) + 1, GRAPH_KEYS):
             gather = widx.view(m, kvh, 1).expand(m, kvh, L).reshape(-1)  # column 0, L times
             mask = torch.zeros(m, 1, 1, L, dtype=self.dtype, device=self.device)
-            self.stage_graphs(x, cos, sin, widx, gather, mask)
+            self.stage_graphs(x, cos, sin, widx, mask, gather)
+            if self.in_place_graphs:  # every row read in place (their outputs are dropped)
+                self.stage_graphs(x, cos, sin, widx, mask)
 
     def _upload(self, pack: _Pack, segs: list[_Seg]) -> list[Tensor]:
         """One stage's host arrays to the device; the segments' indices and biases resolved."""
@@ -714,11 +722,14 @@ class SequenceEngine(DecodeEngine):
         ]
         owners = sorted(set(plan.source))
         self.pad_row = batch_size  # cuda_graphs: the padding's cache row
-        self.buffers = [self._buf(batch_size + self.graphs) for _ in owners]
+        # cuda_graphs: as many columns as the largest key bucket (it may read them in place)
+        self.cols = _aligned_to(max_len, GRAPH_KEYS) if self.graphs else max_len
+        self.in_place_graphs = True  # a full batch of rows reads in place, as uncaptured
+        self.buffers = [self._buf(batch_size + self.graphs, self.cols) for _ in owners]
         self.buf_of = {s: self.buffers[i] for i, s in enumerate(owners)}
         self.last = torch.zeros(batch_size + 1, dtype=torch.long, device=self.device)
         if self.graphs:
-            self._graphed(self._stack, max_len)
+            self._graphed(self._stack, self.cols)
 
     def _stack(self, x, cos, sin, widx, n_proj, segs) -> Tensor:
         """Every effective layer (projecting K/V where the layer owns its cache)."""
@@ -768,14 +779,15 @@ class SequenceEngine(DecodeEngine):
                 rows_p, pos_p = rows, pos
             pack = _Pack()
             ix = [pack.put(v) for v in (rows_p, pos_p, ptok, in_prompt, oreq, ok)]
-            ix.append(pack.put(self._widx(rows_p, pos_p)))
-            seg = self._read(pack, 0, m, B, rows_p, pos_p + 1, self.max_len, graphed=self.graphs)
+            ix.append(pack.put(self._widx(rows_p, pos_p, self.cols)))
+            seg = self._read(pack, 0, m, B, rows_p, pos_p + 1, self.cols, graphed=self.graphs)
             parts = self._upload(pack, [seg])
             rows_t, pos_t, ptok_t, inp_t, oreq_t, ok_t, widx = (parts[i] for i in ix)
             cos, sin = self._rope(pos_t)
             x = self.model.embed_tokens(torch.where(inp_t.bool(), ptok_t, self.last[rows_t]))
             if self.graphs:
-                x = self.stage_graphs(x, cos, sin, widx, seg.gather, seg.mask)
+                read = () if seg.gather is None else (seg.gather,)  # in place, or a gather
+                x = self.stage_graphs(x, cos, sin, widx, seg.mask, *read)
             else:
                 x = self._stack(x, cos, sin, widx, n, [seg])
             self.calls[m] += len(self.slots)
@@ -855,6 +867,7 @@ class DepthWiseEngine(DecodeEngine):
             + [min(max_len, max(1, math.ceil(caps[r] * max_len * (1 + kv_slack)))) for r in range(1, self.R)]
         )
         self.pad_row = self.S  # cuda_graphs: the padding's row of the block's caches and states
+        self.in_place_graphs = False  # a block pass always gathers (its items: a subset of the rows)
         self.rows = self.S + self.graphs
         self.pre_buf = [self._buf(self.S) for _ in self.pre]
         self.post_buf = [self._buf(self.S) for _ in self.post]
@@ -975,7 +988,7 @@ class DepthWiseEngine(DecodeEngine):
         x0 = self.X.index_select(0, rows)
         cos, sin = self._rope(pos)
         if self.graphs:
-            x = self.stage_graphs(x0, cos, sin, t[2], segs[0].gather, segs[0].mask)
+            x = self.stage_graphs(x0, cos, sin, t[2], segs[0].mask, segs[0].gather)
             rows, x0, x = rows[:n], x0[:n], x[:n]
         else:
             x = self._block_stack(x0, cos, sin, t[2], n_proj, segs)

@@ -138,14 +138,15 @@ def test_cuda_graphs_padded_steps_decode_the_same(name):
     keys = []
     orig = engine_mod._Graphs.__call__
 
-    def spy(self, *inputs):
-        keys.append((inputs[0].shape[0], inputs[-1].shape[-1]))
+    def spy(self, *inputs):  # (items, keys, gathered?)
+        keys.append((inputs[0].shape[0], inputs[4].shape[-1], len(inputs) == 6))
         return orig(self, *inputs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine_mod._Graphs, "__call__", spy)
-        eng.capture_graphs()  # every key count's graph up front (16 columns: one)
-        assert keys == [(3, engine_mod.GRAPH_KEYS)]
+        eng.capture_graphs()  # every key count's graph up front (16 columns: one), for each read kind
+        L = engine_mod.GRAPH_KEYS
+        assert keys == ([(3, L, True)] if mor_family else [(3, L, True), (3, L, False)])
         # NaN in the padding's row: a real item reading it would turn its logits NaN
         pads = [*(eng.block_buf if mor_family else eng.buffers), *([(eng.X, eng.H1)] if mor_family else [])]
         for t in (t for pair in pads for t in pair):
@@ -155,8 +156,10 @@ def test_cuda_graphs_padded_steps_decode_the_same(name):
     st = eng.stats
     steps, items = (st["block_steps"], st["block_items"]) if mor_family else (st["steps"], st["tokens_fed"])
     assert items < 3 * steps  # some passes were padded
-    assert len(keys) == 1 + steps and {k for k, _ in keys} == {3}  # every stage at the batch
-    assert {L for _, L in keys} == {engine_mod.GRAPH_KEYS}
+    keys = keys[1 if mor_family else 2 :]
+    assert len(keys) == steps and {k[:2] for k in keys} == {(3, L)}  # every stage at the batch
+    # vanilla-like: a full batch reads its rows in place, a padded one gathers; MoR always gathers
+    assert {k[2] for k in keys} == ({True} if mor_family else {True, False})
     # one long request decoding alone in the first row, the padding beside it
     lopsided = [Request([1, 2], 12), Request([3], 2), Request([4], 2)]
     _check(model, lopsided, eng.run(lopsided, keep_logits=True))

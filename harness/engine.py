@@ -164,12 +164,12 @@ GRAPH_KEYS = 64  # cuda_graphs: a stage's key count is rounded up to a multiple 
 
 
 class _Graphs:
-    """A stage's layer loop `fn(x, cos, sin, widx, gather, mask) -> x` as CUDA graphs, one per key
-    count: captured at its first use, then replayed with the step's inputs copied into the captured
-    ones (the weights and caches are read and written in place). Every input of a key has the same
-    shape: the engine pads the stage's items to the batch (a dummy cache row takes their writes)
-    and its keys to a multiple of GRAPH_KEYS. Off CUDA the loop is called directly, on the same
-    padded inputs (so CPU tests cover everything but the capture)."""
+    """A stage's layer loop `fn(x, cos, sin, widx, mask[, gather]) -> x` as CUDA graphs, one per
+    set of input shapes (read kind and key count): captured at its first use, then replayed with
+    the step's inputs copied into the captured ones (the weights and caches are read and written in
+    place). The shapes take few values: the engine pads the stage's items to the batch (a pad cache
+    row takes their writes) and its keys to a multiple of GRAPH_KEYS. Off CUDA the loop is called
+    directly, on the same padded inputs (so CPU tests cover everything but the capture)."""
 
     def __init__(self, fn, capture: bool):
         self.fn, self.capture, self.graphs = fn, capture, {}

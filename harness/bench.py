@@ -22,7 +22,7 @@ import copy
 import logging
 import resource
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -445,7 +445,11 @@ def run_bench(cfg: DictConfig, run_dir: Path | None) -> list[dict]:
         "routing": getattr(core, "routing_rule", None),
         "flops_per_token_forward": core.flops_per_token(cfg.data.seq_len, "exact").forward,
         "params_unique": core.num_params(unique=True, embedding=True),
-        **{k: v for k, v in records.git_info().items()},
+        # traceable without the run directory's other files (a probe-only run has no env.json or
+        # config.yaml): versions, host, and the configs of the model probed and of the probe
+        **{k: v for k, v in records.env_info(device).items() if k != "time"},
+        "model_config": asdict(core.cfg),
+        "bench_config": OmegaConf.to_container(bcfg, resolve=True),
     }
     rows = []
 

@@ -362,6 +362,11 @@ def test_decode_probe_rows(tmp_path, model):
     for r in rows:
         assert r["probe"] == "decode" and r["tokens_per_s"] > 0 and r["ms_per_step"] > 0
         assert r["generated_tokens"] == sum(gen_lengths_of(cfg)) and r["peak_mem_bytes"] > 0
+        # traceable from the row alone: versions, and the configs of the model and the probe
+        assert r["versions"]["torch"] == torch.__version__ and r["git_sha"] and r["python"]
+        assert r["model_config"]["family"] == ("vanilla" if model == "vanilla" else "mor")
+        assert r["model_config"]["d_model"] == cfg.model.d_model
+        assert r["bench_config"]["num_requests"] == cfg.bench.num_requests
         assert r["kv_bytes_per_token"] == pytest.approx(r["kv_bytes_per_token_analytic_at_depths"])
         # CPU: the time inside layer calls is measured, a part of the run, the rest is the engine's own
         calls = sum(r["layer_calls_by_tokens"].values())

@@ -536,7 +536,10 @@ def _spec_list() -> list[TableSpec]:
                 ),
             ),
             experiments=("demo*",),
-            note="Decode tok/s at each model's largest measured batch.",
+            note=(
+                "Decode tok/s at each model's largest measured batch (the mean of its probe rows "
+                "there: a later probe of the run is averaged in)."
+            ),
         ),
     ]
 

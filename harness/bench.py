@@ -167,8 +167,21 @@ def gen_lengths(bcfg, seed: int, max_len: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     lens = torch.normal(
         float(bcfg.gen_len_mean), float(max(bcfg.gen_len_std, 0)), (bcfg.num_requests,), generator=g
-    )
-    return [int(x) for x in lens.round().clamp(1, max_len - 1 - bcfg.prompt_len)]
+    ).round()
+    top = max_len - 1 - bcfg.prompt_len
+    clipped = int((lens > top).sum())
+    if clipped:
+        log.warning(
+            "bench: %d of %d generation lengths drawn above the context's %d tokens were clipped to it "
+            "(bench.gen_len_mean=%d, bench.gen_len_std=%d, model.max_seq_len=%d)",
+            clipped,
+            len(lens),
+            top,
+            bcfg.gen_len_mean,
+            bcfg.gen_len_std,
+            max_len,
+        )
+    return [int(x) for x in lens.clamp(1, top)]
 
 
 def vanilla_config(cfg: ModelConfig) -> ModelConfig:

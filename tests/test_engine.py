@@ -733,3 +733,19 @@ def test_benchmarks_only_runs_the_named_ones(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         benchmarks.main()
     assert "--only decode_rate: unknown; allowed: model_speed" in capsys.readouterr().err
+
+
+def test_generation_lengths_clipped_at_the_context_say_so(caplog):
+    """A length drawn past the context is clipped to it, with a warning naming the keys."""
+    from harness.bench import gen_lengths
+    from harness.config import BenchConfig
+
+    bcfg = BenchConfig(gen_len_mean=500, gen_len_std=40, num_requests=32)
+    with caplog.at_level("WARNING", logger="mor.bench"):
+        lens = gen_lengths(bcfg, 0, 512)
+    assert max(lens) == 511 and min(lens) < 511
+    assert "clipped" in caplog.text and "bench.gen_len_std=40" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mor.bench"):
+        gen_lengths(BenchConfig(gen_len_mean=64, gen_len_std=8, num_requests=32), 0, 512)
+    assert "clipped" not in caplog.text

@@ -44,8 +44,9 @@ positions, so a compacted recursion cache needs no position table.
 
 Reading the caches of a batch of items, per recursion segment of the step (`_seg`, one region):
 *identity* (the items are exactly the slot rows, in order: read in place), *slab* (at least half
-of the rows are items: attend over all rows in place with zero queries on the other rows and drop
-their outputs), or *gather* (copy just the items' rows). No loop over
+of the rows from the items' first to their last are items: attend over that row range in place with
+zero queries on the other rows and drop their outputs), or *gather* (copy just the items' rows).
+No loop over
 tokens; the only Python loops in a step are over layers and (at most N_r) recursion segments.
 
 `cuda_graphs=True` replays each vanilla step's layer stack, and each MoR block pass (the shared
@@ -206,11 +207,12 @@ def _pad(a: np.ndarray, m: int, fill: int) -> np.ndarray:
 
 @dataclass
 class _Seg:
-    """Items [a:b] of a step read keys from the first `rows` buffer rows, columns [c0:c0+L].
+    """Items [a:b] of a step read keys from buffer rows r0 .. r0+rows-1, columns [c0:c0+L].
 
     identity (sidx and gather None): the items are rows 0..rows-1 in order, read in place;
-    slab (sidx): item i sits at row sidx[i]; all rows are attended in place (no copy) with zero
-        queries on the other rows (their outputs are dropped);
+    slab (sidx): item i sits at row r0 + sidx[i]; the rows from the items' first to their last
+        are attended in place (no copy) with zero queries on the other rows (their outputs are
+        dropped);
     gather: item i's keys are copied from its own row and column window (one index_select of the
         buffer viewed as [-1, head_dim]: items of several recursions, whose windows start at different
         columns, in one read).
@@ -222,6 +224,7 @@ class _Seg:
     rows: int
     L: int
     c0: int = 0
+    r0: int = 0
     sidx: Tensor | None = None
     gather: Tensor | None = None
     mask: Tensor | None = None
@@ -241,8 +244,9 @@ class _Seg:
 def _seg_kind(slab: int, rows: np.ndarray) -> str:
     if len(rows) == slab and (rows == np.arange(slab)).all():
         return "identity"
-    # reading the whole slab in place beats copying half of it (measured, CPU)
-    return "slab" if 2 * len(rows) >= slab else "gather"
+    # reading the rows from the first item's to the last's in place beats copying half of them
+    # (measured, CPU); MoR's items are mostly near-contiguous (a cohort of rows flushed together)
+    return "slab" if 2 * len(rows) >= int(rows.max()) - int(rows.min()) + 1 else "gather"
 
 
 ALIGN = 8  # elements: 16 bytes in bf16, the alignment CUDA's attention kernels need of a bias
@@ -304,9 +308,10 @@ def _seg(
         L = _aligned_to(L, bucket)
     seg = _Seg(a, b, slab, L, 0 if per_item else c0)
     idx, masked = -1, counts
-    if kind == "slab":  # the other rows attend to one key (their outputs are dropped)
-        idx, masked = pack.put(rows), np.ones(slab, dtype=np.int64)
-        masked[rows] = counts
+    if kind == "slab":  # rows r0 .. r0+span-1; the others attend to one key (their outputs are dropped)
+        seg.r0, seg.rows = int(rows.min()), int(rows.max() - rows.min()) + 1
+        idx, masked = pack.put(rows - seg.r0), np.ones(seg.rows, dtype=np.int64)
+        masked[rows - seg.r0] = counts
     elif kind == "gather":  # flat [item, kv head, column] indices from each item's window start
         # columns past an item's count are masked: they repeat its last key (read already, and
         # never past its window)
@@ -449,7 +454,8 @@ def decode_layer(
             vs = vb.view(-1, hd).index_select(0, sg.gather).view(-1, kvh, sg.L, hd)
         else:
             cols = slice(sg.c0, sg.c0 + sg.L)
-            ks, vs = kb[: sg.rows, :, cols], vb[: sg.rows, :, cols]
+            span = slice(sg.r0, sg.r0 + sg.rows)
+            ks, vs = kb[span, :, cols], vb[span, :, cols]
             if sg.sidx is not None:
                 qs = q.new_zeros(sg.rows, H, 1, hd).index_copy_(0, sg.sidx, qs)
         # grouped-query attention without repeating K/V: a kv head's H/kvh query heads form one query

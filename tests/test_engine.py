@@ -171,16 +171,17 @@ def test_cuda_graphs_padded_steps_decode_the_same(name):
 @torch.no_grad()
 def test_mor_depth_zero_exits_and_every_read_mode():
     """A finite recursion-0 threshold (decisions come back through the sync before a token enters
-    the block), more sequences than block slots, identity / slab / gather cache reads, and reads
-    of the deeper recursions' regions."""
+    the block), more sequences than block slots, identity / slab / gather cache reads (slabs of
+    row ranges that start past row 0), and reads of the deeper recursions' regions."""
     model = build(mor(kv="cache"))
-    kinds, deep = [], []
+    kinds, deep, offset = [], [], []
     orig = engine_mod._seg
 
     def spy(*a, **k):
         seg = orig(*a, **k)
         kinds.append(seg._i[0])
         deep.append(seg.c0 > 0)  # a read of a recursion >= 1 region
+        offset.append(seg.r0 > 0)  # a slab of rows that does not start at row 0
         return seg
 
     engine_mod._seg = spy
@@ -199,7 +200,7 @@ def test_mor_depth_zero_exits_and_every_read_mode():
     finally:
         engine_mod._seg = orig
     assert {"identity", "slab", "gather"} <= set(kinds), set(kinds)
-    assert any(deep)
+    assert any(deep) and any(offset)
 
 
 @pytest.mark.parametrize("name", ["vanilla", "mor-expert-cache"])
@@ -275,8 +276,10 @@ def test_recursion_regions_sized_by_capacity_and_grown_on_overflow(kv):
 
 @torch.no_grad()
 def test_one_gather_for_items_of_several_depths():
-    """Many more sequences than block slots: each depth's items are few, so one gather reads every
-    item's keys from its own recursion region, windows running past the narrow deep regions."""
+    """Many more sequences than block slots, of different prompt and generation lengths (so the
+    items of a pass are scattered over the slots, not a near-contiguous row range that a slab
+    reads): each depth's items are few, so one gather reads every item's keys from its own
+    recursion region, windows running past the narrow deep regions."""
     model = build(mor(kv="cache"))
     past_end = []  # merged gathers (a start column per item) whose longest window leaves the buffer
     orig = engine_mod._seg
@@ -289,7 +292,8 @@ def test_one_gather_for_items_of_several_depths():
 
     engine_mod._seg = spy
     try:
-        reqs = [Request([1 + i % 5], 30) for i in range(16)]
+        lengths = np.random.default_rng(3).integers(5, 30, 16)
+        reqs = [Request([1 + j % 5 for j in range(1 + i % 4)], int(n)) for i, n in enumerate(lengths)]
         eng = make_engine(model, 4, 32, seq_slots=16, flush_at=4)
         _check(model, reqs, eng.run(reqs, keep_logits=True))
     finally:

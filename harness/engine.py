@@ -43,9 +43,10 @@ not a sync; none on CPU, where the tensors share the arrays). Keys carry RoPE of
 positions, so a compacted recursion cache needs no position table.
 
 Reading the caches of a batch of items, per recursion segment of the step (`_seg`, one region):
-*identity* (the items are exactly the slot rows, in order: read in place), *slab* (at least half
-of the rows from the items' first to their last are items: attend over that row range in place with
-zero queries on the other rows and drop their outputs), or *gather* (copy just the items' rows).
+*identity* (the items are exactly the slot rows, in order: read in place), *range* (the items are
+consecutive rows, in order: that range read in place), *slab* (at least half of the rows from the
+items' first to their last are items: attend over that row range in place with zero queries on the
+other rows and drop their outputs), or *gather* (copy just the items' rows).
 No loop over
 tokens; the only Python loops in a step are over layers and (at most N_r) recursion segments.
 
@@ -210,6 +211,7 @@ class _Seg:
     """Items [a:b] of a step read keys from buffer rows r0 .. r0+rows-1, columns [c0:c0+L].
 
     identity (sidx and gather None): the items are rows 0..rows-1 in order, read in place;
+    range (sidx and gather None): the items are rows r0..r0+rows-1 in order, read in place;
     slab (sidx): item i sits at row r0 + sidx[i]; the rows from the items' first to their last
         are attended in place (no copy) with zero queries on the other rows (their outputs are
         dropped);
@@ -244,9 +246,12 @@ class _Seg:
 def _seg_kind(slab: int, rows: np.ndarray) -> str:
     if len(rows) == slab and (rows == np.arange(slab)).all():
         return "identity"
+    lo, span = int(rows[0]), int(rows.max()) - int(rows.min()) + 1
+    if span == len(rows) and (rows == np.arange(lo, lo + span)).all():
+        return "range"  # MoR: most passes are one cohort of rows that went through the edge together
     # reading the rows from the first item's to the last's in place beats copying half of them
-    # (measured, CPU); MoR's items are mostly near-contiguous (a cohort of rows flushed together)
-    return "slab" if 2 * len(rows) >= int(rows.max()) - int(rows.min()) + 1 else "gather"
+    # (measured, CPU)
+    return "slab" if 2 * len(rows) >= span else "gather"
 
 
 ALIGN = 8  # elements: 16 bytes in bf16, the alignment CUDA's attention kernels need of a bias
@@ -308,7 +313,9 @@ def _seg(
         L = _aligned_to(L, bucket)
     seg = _Seg(a, b, slab, L, 0 if per_item else c0)
     idx, masked = -1, counts
-    if kind == "slab":  # rows r0 .. r0+span-1; the others attend to one key (their outputs are dropped)
+    if kind == "range":
+        seg.r0, seg.rows = int(rows[0]), len(rows)
+    elif kind == "slab":  # rows r0 .. r0+span-1; the others attend to one key (their outputs are dropped)
         seg.r0, seg.rows = int(rows.min()), int(rows.max() - rows.min()) + 1
         idx, masked = pack.put(rows - seg.r0), np.ones(seg.rows, dtype=np.int64)
         masked[rows - seg.r0] = counts

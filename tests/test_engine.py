@@ -171,8 +171,8 @@ def test_cuda_graphs_padded_steps_decode_the_same(name):
 @torch.no_grad()
 def test_mor_depth_zero_exits_and_every_read_mode():
     """A finite recursion-0 threshold (decisions come back through the sync before a token enters
-    the block), more sequences than block slots, identity / slab / gather cache reads (slabs of
-    row ranges that start past row 0), and reads of the deeper recursions' regions."""
+    the block), more sequences than block slots, identity / range / slab / gather cache reads (row
+    ranges and slabs that start past row 0), and reads of the deeper recursions' regions."""
     model = build(mor(kv="cache"))
     kinds, deep, offset = [], [], []
     orig = engine_mod._seg
@@ -181,7 +181,8 @@ def test_mor_depth_zero_exits_and_every_read_mode():
         seg = orig(*a, **k)
         kinds.append(seg._i[0])
         deep.append(seg.c0 > 0)  # a read of a recursion >= 1 region
-        offset.append(seg.r0 > 0)  # a slab of rows that does not start at row 0
+        if seg.r0 > 0:  # an in-place read of rows that do not start at row 0
+            offset.append(seg._i[0])
         return seg
 
     engine_mod._seg = spy
@@ -199,8 +200,8 @@ def test_mor_depth_zero_exits_and_every_read_mode():
         assert eng.stats["depth_counts"][0] > 0
     finally:
         engine_mod._seg = orig
-    assert {"identity", "slab", "gather"} <= set(kinds), set(kinds)
-    assert any(deep) and any(offset)
+    assert {"identity", "range", "slab", "gather"} <= set(kinds), set(kinds)
+    assert any(deep) and {"range", "slab"} <= set(offset), set(offset)
 
 
 @pytest.mark.parametrize("name", ["vanilla", "mor-expert-cache"])

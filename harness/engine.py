@@ -46,9 +46,8 @@ Reading the caches of a batch of items, per recursion segment of the step (`_seg
 *identity* (the items are exactly the slot rows, in order: read in place), *range* (the items are
 consecutive rows, in order: that range read in place), *slab* (at least half of the rows from the
 items' first to their last are items: attend over that row range in place with zero queries on the
-other rows and drop their outputs), or *gather* (copy just the items' rows).
-No loop over
-tokens; the only Python loops in a step are over layers and (at most N_r) recursion segments.
+other rows and drop their outputs), or *gather* (copy just the items' rows). No loop over tokens;
+the only Python loops in a step are over layers and (at most N_r) recursion segments.
 
 `cuda_graphs=True` replays each vanilla step's layer stack, and each MoR block pass (the shared
 block's layers), as one CUDA graph (`_Graphs`; a GPU spends more on launching these small layers'
@@ -313,10 +312,9 @@ def _seg(
         L = _aligned_to(L, bucket)
     seg = _Seg(a, b, slab, L, 0 if per_item else c0)
     idx, masked = -1, counts
-    if kind == "range":
-        seg.r0, seg.rows = int(rows[0]), len(rows)
-    elif kind == "slab":  # rows r0 .. r0+span-1; the others attend to one key (their outputs are dropped)
+    if kind in ("range", "slab"):  # in place over rows r0 .. r0+span-1
         seg.r0, seg.rows = int(rows.min()), int(rows.max() - rows.min()) + 1
+    if kind == "slab":  # the rows that are not items attend to one key (their outputs are dropped)
         idx, masked = pack.put(rows - seg.r0), np.ones(seg.rows, dtype=np.int64)
         masked[rows - seg.r0] = counts
     elif kind == "gather":  # flat [item, kv head, column] indices from each item's window start

@@ -441,6 +441,13 @@ def test_decode_ratio_benchmark_reports_consistent_fields():
         return np.median([m / v for m, v in zip(tok[k], tok["vanilla"])])
 
     assert out["speedup"] == pytest.approx(paired("mor_expert"))
+    # the layer phase: vanilla's time inside layer calls over MoR's, paired within a round
+    rows_s = out["all_layer_s"]
+    assert all(len(v) == 2 and min(v) > 0 for v in rows_s.values())
+    layer_phase = np.median([v / m for m, v in zip(rows_s["mor_expert"], rows_s["vanilla"])])
+    assert out["speedup_layer_phase"]["mor_expert"] == pytest.approx(layer_phase)
+    assert out["fraction_of_flop_speedup_layer_phase"] == pytest.approx(layer_phase / out["flop_speedup"])
+    assert out["meets_goal_layer_phase"] == (layer_phase >= 0.9 * out["flop_speedup"])
     assert out["flop_speedup"] > 1  # MoR skips recursions for some tokens
     assert out["fraction_of_flop_speedup"] == pytest.approx(out["speedup"] / out["flop_speedup"])
     assert out["meets_goal"] == (out["fraction_of_flop_speedup"] >= 0.9)

@@ -247,7 +247,7 @@ def _seg_kind(slab: int, rows: np.ndarray) -> str:
         return "identity"
     lo, span = int(rows[0]), int(rows.max()) - int(rows.min()) + 1
     if span == len(rows) and (rows == np.arange(lo, lo + span)).all():
-        return "range"  # MoR: most passes are one cohort of rows that went through the edge together
+        return "range"  # MoR: a run's first waves (cohorts that went through the edge together)
     # reading the rows from the first item's to the last's in place beats copying half of them
     # (measured, CPU)
     return "slab" if 2 * len(rows) >= span else "gather"

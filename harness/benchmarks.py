@@ -337,20 +337,22 @@ def decode_ratio(
     mor_row = rows["mor_expert"][0]
     ctx = _decode_context(lengths, 1)
     acc = decode_accounting(mor, mor_row, 4, ctx)
-    speedup = {  # paired within a round: the runs next to each other in time
-        k: float(np.median([r["tokens_per_s"] / v["tokens_per_s"] for r, v in zip(rows[k], rows["vanilla"])]))
-        for k in runs
-        if k != "vanilla"
-    }
+
+    def paired(seconds: dict[str, list[float]]) -> dict[str, float]:
+        """Each MoR run's speed-up: the median over rounds of vanilla's seconds over its own, paired
+        within a round (the runs next to each other in time; every run serves the same tokens)."""
+        return {
+            k: float(np.median([v / m for m, v in zip(seconds[k], seconds["vanilla"])]))
+            for k in runs
+            if k != "vanilla"
+        }
+
+    speedup = paired({k: [r["elapsed_s"] for r in v] for k, v in rows.items()})
     # the paper's protocol times only the transformer-block phase (no embedding, head, sampling
     # or KV bookkeeping): the time inside the layer calls (ours still include every unique layer
-    # and the KV reads and writes), paired within a round like `speedup`
+    # and the KV reads and writes)
     layer_s = {k: [r["elapsed_s"] * r["layer_share"] for r in v] for k, v in rows.items()}
-    speedup_layers = {
-        k: float(np.median([v / m for m, v in zip(layer_s[k], layer_s["vanilla"])]))
-        for k in runs
-        if k != "vanilla"
-    }
+    speedup_layers = paired(layer_s)
     flop_speedup = acc["flop_speedup_vs_vanilla"]
     # what the layers alone allow: each run's layer calls (by tokens per call) priced at the
     # measured per-call cost of the engine's layer, vanilla's total over each MoR run's

@@ -231,7 +231,7 @@ def decode_vs_hf(size: dict, batch: int, new_tokens: int) -> dict:
             pad_token_id=0,
         )
 
-    with torch.no_grad():
+    with torch.inference_mode():
         t_ours, t_hf = _interleaved_median_times([run_ours, run_hf], warmup=1, iters=5)
         same = [r.tokens for r in run_ours()] == run_hf()[:, 1:].tolist()
     n = batch * new_tokens
@@ -358,7 +358,7 @@ def decode_ratio(
     # measured per-call cost of the engine's layer, vanilla's total over each MoR run's
     calls = {k: {int(n): c for n, c in v[0]["layer_calls_by_tokens"].items()} for k, v in rows.items()}
     grid = sorted({1, 2, 4, 8, 12, 16, 20, 24, 28, 32} | {max(c) for c in calls.values()})
-    with torch.no_grad():
+    with torch.inference_mode():
         cost = layer_costs(models["vanilla"], grid, round(ctx))
     ns, ts = list(cost), list(cost.values())
 

@@ -654,7 +654,7 @@ class DecodeEngine:
             self.logits_out.index_put_((req, k), logits.double())
         return tok
 
-    @torch.no_grad()
+    @torch.inference_mode()  # not no_grad: no view or version tracking (MoR's many small ops: -4%)
     def run(self, requests: list[Request], keep_logits: bool = False) -> list[Result]:
         """Serve `requests` FIFO; returns one Result per request, in request order.
 

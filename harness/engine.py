@@ -556,10 +556,16 @@ class DecodeEngine:
 
         return call
 
+    def _state(self, *shape: int, dtype: torch.dtype | None = None) -> Tensor:
+        """Zeros for the engine's mutable state (caches, in-flight hidden states), made as inference
+        tensors like everything `run()` makes: a compiled layer then sees one kind of tensor (a cache
+        widened inside `run()` would otherwise be a second graph)."""
+        with torch.inference_mode():
+            return torch.zeros(shape, dtype=dtype or self.dtype, device=self.device)
+
     def _buf(self, rows: int, cols: int | None = None) -> tuple[Tensor, Tensor]:
         shape = (rows, self.cfg.n_kv_heads, cols or self.max_len, self.cfg.head_dim)
-        z = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)
-        return z(), z()
+        return self._state(*shape), self._state(*shape)
 
     @property
     def entry_bytes(self) -> int:
@@ -604,6 +610,7 @@ class DecodeEngine:
         self.stage_graphs, self.graph_width = _Graphs(fn, self.capture), width
         self.stage_graphs.captures = old.captures if old else 0
 
+    @torch.inference_mode()  # it writes the (inference-tensor) caches' pad row
     def capture_graphs(self) -> None:
         """cuda_graphs: run (on CUDA: capture) every key count's graph up front, on inputs that are
         all padding (they read and write only the pad row), so that none is captured while timed."""
@@ -738,7 +745,7 @@ class SequenceEngine(DecodeEngine):
         self.in_place_graphs = True  # a full batch of rows reads in place, as uncaptured
         self.buffers = [self._buf(batch_size + self.graphs, self.cols) for _ in owners]
         self.buf_of = {s: self.buffers[i] for i, s in enumerate(owners)}
-        self.last = torch.zeros(batch_size + 1, dtype=torch.long, device=self.device)
+        self.last = self._state(batch_size + 1, dtype=torch.long)
         if self.graphs:
             self._graphed(self._stack, self.cols)
 
@@ -887,9 +894,9 @@ class DepthWiseEngine(DecodeEngine):
         if self.graphs:
             self._graphed(self._block_stack, self.width)
         d = self.cfg.d_model
-        self.X = torch.zeros(self.rows, d, dtype=self.dtype, device=self.device)  # in-flight hidden state
-        self.G = torch.zeros(self.rows, dtype=self.dtype, device=self.device)  # gate of the next recursion
-        self.H1 = torch.zeros(self.rows, d, dtype=self.dtype, device=self.device)  # token-choice: h_1
+        self.X = self._state(self.rows, d)  # in-flight hidden state
+        self.G = self._state(self.rows)  # gate of the next recursion
+        self.H1 = self._state(self.rows, d)  # token-choice: h_1
         if self.expert:
             thr = self.router.threshold.tolist()
             # recursion r's decision is known without looking (threshold -inf: everyone continues)

@@ -7,6 +7,8 @@ others run. For MoR the routers are calibrated so that tokens really stop at dif
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -268,7 +270,16 @@ def test_recursion_regions_sized_by_capacity_and_grown_on_overflow(kv):
     # every token takes every recursion: regions 1 and 2 overflow at kv_slack=0
     model.router.threshold.fill_(float("-inf"))
     eng = make_engine(model, 4, 40, seq_slots=4, kv_slack=0.0)
-    reqs = [Request([1, 2, 3], 36) for _ in range(4)] + requests(4)
+    state = eng._state
+
+    def nan_state(*shape, dtype=None, fill=torch.zeros):  # a widened cache's unset memory: NaN
+        nan = functools.partial(torch.full, fill_value=float("nan"))
+        return state(*shape, dtype=dtype, fill=nan if fill is torch.empty else fill)
+
+    eng._state = nan_state
+    # a short first request: its slot's next one is behind the others when the regions widen, and
+    # reads (masked) columns that no token wrote
+    reqs = [Request([1], 6)] + [Request([1, 2, 3], 36) for _ in range(4)] + requests(4)
     _check(model, reqs, eng.run(reqs, keep_logits=True))
     if kv == "cache":
         assert eng.stats["kv_grows"] >= 2 and eng.W[1] >= 38 and eng.W[2] >= 38

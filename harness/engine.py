@@ -242,12 +242,20 @@ class _Seg:
             self.mask = pack.floats[bias].view(-1, 1, 1, _bias_width(self.L))[..., : self.L]
 
 
+@functools.cache
+def _arange(n: int) -> np.ndarray:
+    """np.arange(n), made once (read-only): the host plans a stage with many small arrays."""
+    a = np.arange(n)
+    a.flags.writeable = False
+    return a
+
+
 def _seg_kind(slab: int, rows: np.ndarray) -> str:
-    if len(rows) == slab and (rows == np.arange(slab)).all():
-        return "identity"
-    lo, span = int(rows[0]), int(rows.max()) - int(rows.min()) + 1
-    if span == len(rows) and (rows == np.arange(lo, lo + span)).all():
-        return "range"  # MoR: a run's first waves (cohorts that went through the edge together)
+    lo = int(rows.min())
+    span = int(rows.max()) - lo + 1
+    if span == len(rows) and (rows - lo == _arange(span)).all():
+        # range, MoR: a run's first waves (cohorts that went through the edge together)
+        return "identity" if lo == 0 and span == slab else "range"
     # reading the rows from the first item's to the last's in place beats copying half of them
     # (measured, CPU)
     return "slab" if 2 * len(rows) >= span else "gather"
@@ -320,8 +328,8 @@ def _seg(
     elif kind == "gather":  # flat [item, kv head, column] indices from each item's window start
         # columns past an item's count are masked: they repeat its last key (read already, and
         # never past its window)
-        start = (rows[:, None] * kvh + np.arange(kvh)) * width + np.broadcast_to(c0, rows.shape)[:, None]
-        cols = np.minimum(np.arange(L), counts[:, None] - 1)
+        start = (rows[:, None] * kvh + _arange(kvh)) * width + (c0[:, None] if per_item else c0)
+        cols = np.minimum(_arange(L), counts[:, None] - 1)
         idx = pack.put(start[:, :, None] + cols[:, None, :])
     # e.g. a batch of equal-length requests (not in a graph: one whose mask is sometimes None is two)
     full = kind == "identity" and bucket == 1 and bool((counts == L).all())
@@ -583,7 +591,7 @@ class DecodeEngine:
         """Flat [-1, head_dim] indices of (row, every kv head, col) in a [rows, n_kv, width, hd]
         buffer (width: max_len by default)."""
         kvh, width = self.cfg.n_kv_heads, width or self.max_len
-        return ((rows[:, None] * kvh + np.arange(kvh)) * width + cols[:, None]).reshape(-1)
+        return ((rows[:, None] * kvh + _arange(kvh)) * width + cols[:, None]).reshape(-1)
 
     def _read(
         self, pack, a, b, slab, rows, counts, width, c0: int | np.ndarray = 0, graphed: bool = False
@@ -1077,6 +1085,7 @@ class DepthWiseEngine(DecodeEngine):
             i = int(req[row])
             f = int(fed[row])
             entries = f * n_pp + int(lens[:, row].sum()) * len(self.block)
+            dcount[:] += hist[row]
             depth_hist = (hist[row] / max(1, hist[row].sum())).tolist()
             self._finish(i, f, entries, {"depth_hist": depth_hist})
             req[row] = -1
@@ -1085,8 +1094,7 @@ class DepthWiseEngine(DecodeEngine):
         def exit_rows(rows: np.ndarray, d: np.ndarray) -> None:
             """Rows whose token finished its recursions at depths d (FIFO, in order) wait for the edge."""
             exits.extend(rows.tolist())
-            hist[rows, d] += 1  # a row exits at most once per step
-            dcount[:] += np.bincount(d, minlength=N + 1)
+            hist[rows, d] += 1  # a row exits at most once per step (summed into dcount when done)
 
         while True:
             # -- edge stage --------------------------------------------------------------------------
@@ -1199,7 +1207,8 @@ class DepthWiseEngine(DecodeEngine):
             st["steps"] += 1
             # -- the one sync: routing decisions -------------------------------------------------------
             parts = [x for x in (entry, dec) if x is not None]
-            vals = np.array(_to_host(torch.cat(parts)) if parts else [], dtype=np.int64)
+            host = _to_host(parts[0] if len(parts) == 1 else torch.cat(parts)) if parts else []
+            vals = np.array(host, dtype=np.int64)
             if entry is not None:
                 ent, vals = vals[:ne], vals[ne:]
                 if self.expert:

@@ -996,7 +996,7 @@ class DepthWiseEngine(DecodeEngine):
         if self.expert:
             gate, go = self._decide(x, 0)
             self.G.index_copy_(0, e_rows, gate)
-            return None if self.known[0] else go.long()
+            return None if self.known[0] else go
         self.H1.index_copy_(0, e_rows, x)
         choice, gate = self.router.plan(x.unsqueeze(1), {}, {})
         self.G.index_copy_(0, e_rows, gate.squeeze(1).to(self.G.dtype))
@@ -1037,12 +1037,12 @@ class DepthWiseEngine(DecodeEngine):
         if self.stacked is not None:  # every scorer in one matmul, then each item's column
             logits = F.linear(x, self.stacked).gather(1, nxt[:, None]).squeeze(1)
             self.G.index_copy_(0, rows, self.router.gate(logits).to(self.G.dtype))
-            return (logits > self.router.threshold[nxt]).long()
+            return logits > self.router.threshold[nxt]
         out = []
         for r, a, b in depths:  # per-depth scorer on the contiguous slice
             gate, go = self._decide(x[a:b], min(r + 1, self.N - 1))
             self.G.index_copy_(0, rows[a:b], gate)
-            out.append(go.long())
+            out.append(go)
         return torch.cat(out)
 
     def _block_reads(self, pack, items, count, c0, depths) -> list[_Seg]:
